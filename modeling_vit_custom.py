@@ -1,0 +1,432 @@
+"""vit-custom: a Vision Transformer (Dosovitskiy et al., 2021) as Hugging Face transformers v5 model code.
+
+An image is cut into P x P patches, each patch is linearly embedded, learned position embeddings are added, an
+optional CLS token is prepended, and a stack of pre-norm encoder blocks mixes the tokens. The image is then pooled
+into one vector, from the CLS token or from the mean of the patch tokens, for a linear classifier.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+
+try:
+    from .configuration_vit_custom import ViTCustomConfig
+except ImportError:
+    from configuration_vit_custom import ViTCustomConfig
+
+
+def resample_position_embeddings(
+    position_embeddings: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int],
+    num_prefix_tokens: int,
+) -> torch.Tensor:
+    """Resample learned position embeddings from one patch grid to another.
+
+    The prefix (CLS) positions are kept as they are; the patch positions are treated as an image of
+    `old_grid` and resized to `new_grid` with antialiased bicubic interpolation, in float32, as timm does.
+    Used at run time for inputs of another size and once when a checkpoint is loaded at a new resolution.
+
+    Args:
+        position_embeddings: `(1, num_prefix_tokens + old_h * old_w, dim)`.
+        new_grid: `(new_h, new_w)` patches.
+        old_grid: `(old_h, old_w)` patches of `position_embeddings`.
+        num_prefix_tokens: leading positions that belong to no patch.
+
+    Returns:
+        `(1, num_prefix_tokens + new_h * new_w, dim)`, in the input's dtype.
+    """
+    if tuple(new_grid) == tuple(old_grid):
+        return position_embeddings
+    prefix, patches = position_embeddings[:, :num_prefix_tokens], position_embeddings[:, num_prefix_tokens:]
+    dim = patches.shape[-1]
+    patches = patches.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    patches = nn.functional.interpolate(patches, size=tuple(new_grid), mode="bicubic", antialias=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(position_embeddings.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+class ViTCustomPatchEmbeddings(nn.Module):
+    """Cuts the image into non-overlapping patches and projects each one to `hidden_size` (a strided convolution)."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"Expected pixel_values of shape (batch, {self.num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}. Convert the images to {self.num_channels} channels (the image "
+                "processor does this with do_convert_rgb), or build the model with a matching num_channels."
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class ViTCustomEmbeddings(nn.Module):
+    """Patch embeddings, an optional CLS token in front, plus learned position embeddings."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.grid_size = config.grid_size
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.interpolate_by_default = config.interpolate_pos_encoding
+        self.patch_embeddings = ViTCustomPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
+        num_positions = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        grid = (height // self.patch_size, width // self.patch_size)
+        if interpolate_pos_encoding is None:
+            interpolate_pos_encoding = self.interpolate_by_default
+        self._check_size(height, width, grid, interpolate_pos_encoding)
+
+        embeddings = self.patch_embeddings(pixel_values)
+        if self.cls_token is not None:
+            embeddings = torch.cat([self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings], dim=1)
+        position_embeddings = self.position_embeddings
+        if interpolate_pos_encoding:
+            position_embeddings = resample_position_embeddings(
+                position_embeddings, grid, self.grid_size, self.num_prefix_tokens
+            )
+        return self.dropout(embeddings + position_embeddings)
+
+    def _check_size(self, height: int, width: int, grid: tuple[int, int], interpolate: bool):
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Input image size ({height}x{width}) is not divisible by the patch size {self.patch_size}; "
+                "resize or crop the images to a multiple of it."
+            )
+        if not interpolate and grid != tuple(self.grid_size):
+            trained = (self.grid_size[0] * self.patch_size, self.grid_size[1] * self.patch_size)
+            raise ValueError(
+                f"Input image size ({height}x{width}) doesn't match the model's image size "
+                f"({trained[0]}x{trained[1]}). Resize the images, pass interpolate_pos_encoding=True, or set "
+                "config.interpolate_pos_encoding=True to resample the position embeddings for every input."
+            )
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T * scaling) V on `(batch, heads, tokens, head_dim)` inputs; returns `(batch, tokens, heads, head_dim)`."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)
+    return attn_output, attn_weights
+
+
+class ViTCustomAttention(nn.Module):
+    """Multi-head self-attention with one fused query/key/value projection."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_tokens, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, num_tokens, -1)
+        return self.proj_dropout(self.proj(attn_output)), attn_weights
+
+
+class ViTCustomMLP(nn.Module):
+    """Two linear layers with an activation between them, applied to every token."""
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.activation(self.fc1(hidden_states))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: during training, drops a residual branch for whole samples with probability `drop_prob`."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        mask_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        keep = hidden_states.new_empty(mask_shape).bernoulli_(keep_prob)
+        return hidden_states * keep / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class ViTCustomLayer(GradientCheckpointingLayer):
+    """A pre-norm encoder block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ViTCustomConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ViTCustomAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ViTCustomMLP(config)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.drop_path(attn_output)
+        return hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+
+
+class ViTCustomClsPooler(nn.Module):
+    """Reads the CLS token, which the model has already passed through the final LayerNorm."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 0]
+
+
+class ViTCustomMeanPooler(nn.Module):
+    """Averages the patch tokens, then normalises the average (timm's `fc_norm`).
+
+    The CLS token, when there is one, is left out of the average: it is a summary the model is free to write
+    anything into, not a part of the image.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__()
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layernorm(hidden_states[:, self.num_prefix_tokens :].mean(dim=1))
+
+
+class ViTCustomPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the capabilities transformers reads from the class (attention backends, ...)."""
+
+    config_class = ViTCustomConfig
+    config: ViTCustomConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTCustomEmbeddings", "ViTCustomLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": ViTCustomLayer, "attentions": ViTCustomAttention}
+
+    def _init_weights(self, module: nn.Module):
+        """ViT / timm initialisation: truncated normal(0.02) weights, zero biases, LayerNorm at identity."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ViTCustomEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            if module.cls_token is not None:
+                init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+
+
+class ViTCustomModel(ViTCustomPreTrainedModel):
+    """The ViT encoder: embeddings, encoder blocks and pooling. `pooler_output` is the pooled image vector.
+
+    With `pooling="cls"`, `last_hidden_state` is normalised by the final LayerNorm and `pooler_output` is its CLS
+    token. With `pooling="mean"`, `last_hidden_state` is the output of the last block and `pooler_output` is the
+    normalised mean of its patch tokens.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__(config)
+        self.embeddings = ViTCustomEmbeddings(config)
+        depth = config.num_hidden_layers
+        drop_path_rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]
+        self.layers = nn.ModuleList([ViTCustomLayer(config, rate) for rate in drop_path_rates])
+        if config.pooling == "cls":
+            self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.pooler = ViTCustomClsPooler()
+        else:
+            self.layernorm = nn.Identity()
+            self.pooler = ViTCustomMeanPooler(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, num_channels, height, width)`): the images, as the
+                image processor prepares them.
+            interpolate_pos_encoding (`bool`, *optional*): resample the position embeddings to the input's size;
+                defaults to `config.interpolate_pos_encoding`.
+        """
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        sequence_output = self.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=self.pooler(sequence_output))
+
+
+class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
+    """ViT with a linear classifier on the pooled image vector.
+
+    The loss follows `config.problem_type` (single-label, multi-label or regression). Given `num_items_in_batch`, as
+    `transformers.Trainer` passes it under gradient accumulation, every loss is summed and divided by it, so that
+    accumulated micro-batches give the same loss and gradients as one large batch.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vit = ViTCustomModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, num_channels, height, width)`): the images.
+            labels (`torch.Tensor`, *optional*): class indices `(batch,)` for single-label classification, 0/1
+                floats `(batch, num_labels)` for multi-label, float targets for regression.
+            interpolate_pos_encoding (`bool`, *optional*): see `ViTCustomModel.forward`.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.classification_loss(logits, labels, num_items_in_batch)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def classification_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Loss of `logits` against `labels` for `config.problem_type`, inferred from the labels when unset.
+
+        The per-item losses are summed and divided by `num_items_in_batch` when given (the number of label entries
+        across all accumulated micro-batches, as `Trainer` counts them), else averaged.
+        """
+        config = self.config
+        if config.problem_type is None:
+            if self.num_labels == 1:
+                config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                config.problem_type = "single_label_classification"
+            else:
+                config.problem_type = "multi_label_classification"
+        labels = labels.to(logits.device)
+        if config.problem_type == "single_label_classification":
+            losses = nn.functional.cross_entropy(
+                logits.view(-1, self.num_labels).float(), labels.view(-1), ignore_index=-100, reduction="none"
+            )
+            num_items = (labels != -100).sum()
+        elif config.problem_type == "multi_label_classification":
+            losses = nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), labels.to(torch.float32), reduction="none"
+            )
+            num_items = labels.numel()
+        elif config.problem_type == "regression":
+            predictions = logits.squeeze(-1) if self.num_labels == 1 else logits
+            losses = nn.functional.mse_loss(
+                predictions.float(), labels.to(torch.float32).view(predictions.shape), reduction="none"
+            )
+            num_items = labels.numel()
+        else:
+            raise ValueError(
+                f"problem_type={config.problem_type!r} is unknown; use 'single_label_classification', "
+                "'multi_label_classification' or 'regression'."
+            )
+        if num_items_in_batch is None:
+            num_items_in_batch = num_items
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(losses.device)
+        return losses.sum() / num_items_in_batch
+
+
+__all__ = [
+    "ViTCustomForImageClassification",
+    "ViTCustomModel",
+    "ViTCustomPreTrainedModel",
+    "resample_position_embeddings",
+]
+
+# `save_pretrained` and `push_to_hub` copy both files beside the weights and write an `auto_map`, so the Auto classes
+# load the model with `trust_remote_code=True`.
+ViTCustomConfig.register_for_auto_class()
+ViTCustomModel.register_for_auto_class("AutoModel")
+ViTCustomForImageClassification.register_for_auto_class("AutoModelForImageClassification")
