@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 finetune: install
-	$(PY) run_finetune.py
+	$(PY) run_finetune.py $(ARGS)
 
 test: install
 	$(PY) -m pytest tests

@@ -1,0 +1,525 @@
+"""The data and reporting halves of run_finetune.py: images in, model card and Hub upload out."""
+
+import argparse
+import logging
+import os
+import shlex
+from pathlib import Path
+
+import accelerate
+import datasets
+import numpy as np
+import torch
+import transformers
+from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2 as T
+from transformers import ViTImageProcessor
+
+from configuration_vit_custom import ViTCustomConfig
+
+logger = logging.getLogger(__name__)
+
+# The digits' train/test split is fixed, so that runs with different --seed values are scored on the same images.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+# A column that numbers the training samples, so that each one's augmentation depends only on (seed, epoch, sample).
+SAMPLE_INDEX = "sample_index"
+
+# The output folder goes to the Hub without its checkpoints and unfinished checkpoint saves (`*` matches across `/`).
+NOT_UPLOADED = ["checkpoint-*", "tmp/*"]
+
+
+class FinetuneError(Exception):
+    """A problem with the inputs, with a message that names it and its fix."""
+
+
+def shorten(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names, comma-separated, with `...` when there are more."""
+    return ", ".join(map(str, names[:limit])) + (", ..." if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_image_dataset(args: argparse.Namespace) -> DatasetDict:
+    """The images as `train`, `validation` and, when the data has one, `test` splits, with checked columns."""
+    if args.dataset_name:
+        dataset = load_hub_dataset(args.dataset_name, args.dataset_config_name)
+    elif args.train_dir:
+        dataset = load_image_folders(train=args.train_dir, validation=args.validation_dir, test=args.test_dir)
+    else:
+        dataset = load_digits_dataset()
+    if "train" not in dataset:
+        raise FinetuneError(f"The dataset has no `train` split, only {sorted(dataset)}; it needs one to train on.")
+    check_columns(dataset, args.image_column_name, args.label_column_name)
+    dataset = encode_labels(dataset, args.label_column_name)
+    dataset = DatasetDict({name: split for name, split in dataset.items() if name in ("train", "validation", "test")})
+    if "validation" not in dataset:
+        dataset = carve_validation_split(dataset, args.train_val_split, args.label_column_name, args.seed)
+    if args.max_train_samples is not None:
+        dataset["train"] = subsample(dataset["train"], args.max_train_samples, args.seed)
+    if args.max_eval_samples is not None:
+        for name in ("validation", "test"):
+            if name in dataset:
+                dataset[name] = subsample(dataset[name], args.max_eval_samples, args.seed)
+    for name, split in dataset.items():
+        if len(split) == 0:
+            raise FinetuneError(f"The {name} split is empty: it has no images. Check the data you passed.")
+    return dataset
+
+
+def load_digits_dataset() -> DatasetDict:
+    """scikit-learn's 1,797 8x8 handwritten digits as grayscale images, split 80/20 (stratified) into train and test."""
+    from sklearn.datasets import load_digits  # only the digits need scikit-learn, a second of import time
+
+    digits = load_digits()
+    # The pixel values are ink counts from 0 to 16.
+    images = [Image.fromarray(np.round(image * 255 / 16).astype(np.uint8)) for image in digits.images]
+    features = Features({"image": datasets.Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    dataset = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    return dataset.train_test_split(test_size=DIGITS_TEST_FRACTION, stratify_by_column="label", seed=DIGITS_SPLIT_SEED)
+
+
+def load_hub_dataset(name: str, config_name: str | None) -> DatasetDict:
+    try:
+        return load_dataset(name, config_name)
+    except Exception as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+        fix = (
+            "HF_HUB_OFFLINE=1 is set (the Makefile sets it): unset it to download, "
+            if offline
+            else "Check the name and your connection (or `hf auth login` for a private dataset), "
+        )
+        raise FinetuneError(
+            f"Could not load the dataset {name!r} from the Hugging Face Hub: {error}. {fix}"
+            "or train on local images with --train_dir (and --validation_dir)."
+        ) from error
+
+
+def load_image_folders(**folders: Path | None) -> DatasetDict:
+    """Read `<folder>/<label>/<image>` folders with `datasets`' imagefolder, after checking they hold images."""
+    image_extensions = set(ImageFolder.EXTENSIONS)
+    data_files = {}
+    for split, folder in folders.items():
+        if folder is None:
+            continue
+        flag = f"--{split}_dir {folder}"
+        if not folder.is_dir():
+            raise FinetuneError(f"{flag} is not a folder. Pass a folder with one sub-folder of images per class.")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in image_extensions]
+        others = [p.relative_to(folder).as_posix() for p in files if p not in images]
+        if not images:
+            found = f"only {len(others)} other file(s): {shorten(others, limit=3)}" if others else "it is empty"
+            raise FinetuneError(
+                f"{flag} holds no images ({found}). Put the images in one sub-folder per class "
+                f"({folder}/<label>/<image>.png), in a format Pillow reads (.png, .jpg, ...)."
+            )
+        unreadable = [p for p in images if not is_readable_image(p)]
+        if unreadable:
+            names = shorten([p.relative_to(folder).as_posix() for p in unreadable], limit=3)
+            raise FinetuneError(
+                f"{flag} holds {len(unreadable)} file(s) with an image extension that are not images Pillow can "
+                f"read ({names}). Remove or replace them."
+            )
+        # imagefolder also reads labels or other columns from metadata files
+        ignored = [name for name in others if Path(name).name not in ImageFolder.METADATA_FILENAMES]
+        if ignored:
+            logger.warning(f"{flag}: ignoring {len(ignored)} file(s) that are not images: {shorten(ignored)}")
+        data_files[split] = [str(p) for p in images] + [str(folder / name) for name in others if name not in ignored]
+    return load_dataset("imagefolder", data_files=data_files)
+
+
+def is_readable_image(path: Path) -> bool:
+    """Whether Pillow recognises the file; it reads only the header, so this is fast."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
+def check_columns(dataset: DatasetDict, image_column: str, label_column: str):
+    features = dataset["train"].features
+    image_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if image_column not in features:
+        hint = f"the image columns are {image_columns}" if image_columns else f"the columns are {list(features)}"
+        raise FinetuneError(
+            f"The dataset has no image column {image_column!r}; {hint}. Pass --image_column_name with the column "
+            "that holds the images."
+        )
+    if not isinstance(features[image_column], datasets.Image):
+        raise FinetuneError(
+            f"Column {image_column!r} holds {features[image_column]}, not images; pass --image_column_name with the "
+            f"column that holds the images ({image_columns or 'none found'})."
+        )
+    if label_column not in features:
+        candidates = [name for name in features if name != image_column]
+        raise FinetuneError(
+            f"The dataset has no label column {label_column!r}; its other columns are {candidates}. Pass "
+            "--label_column_name with the column that holds the classes, or, for image folders, put each class's "
+            "images in a sub-folder named after the class."
+        )
+
+
+def encode_labels(dataset: DatasetDict, label_column: str) -> DatasetDict:
+    """Make the label column a `ClassLabel`, the same for every split, if it holds plain names or indices."""
+    feature = dataset["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        return dataset
+    values = set(dataset["train"][label_column])
+    if isinstance(feature, datasets.Value) and feature.dtype == "string":
+        names = sorted(values)
+    elif isinstance(feature, datasets.Value) and feature.dtype.startswith("int") and min(values) >= 0:
+        names = [str(i) for i in range(max(values) + 1)]
+    else:
+        raise FinetuneError(
+            f"Column {label_column!r} holds {feature}; a label column holds class names or class indices. Pass "
+            "--label_column_name with the column that holds the classes."
+        )
+    try:
+        return dataset.cast_column(label_column, ClassLabel(names=names))
+    except ValueError as error:
+        raise FinetuneError(f"Some evaluation images have a class the training images lack: {error}") from error
+
+
+def carve_validation_split(dataset: DatasetDict, fraction: float, label_column: str, seed: int) -> DatasetDict:
+    """Hold out a stratified `fraction` of the training images for validation (unstratified for rare classes)."""
+    train = dataset["train"]
+    try:
+        try:
+            split = train.train_test_split(test_size=fraction, stratify_by_column=label_column, seed=seed)
+        except ValueError:  # a class with a single image cannot be stratified
+            split = train.train_test_split(test_size=fraction, seed=seed)
+    except ValueError as error:
+        raise FinetuneError(
+            f"Could not hold out {fraction:.0%} of the {len(train)} training images for validation: {error}. Pass "
+            "a --validation_dir, or a larger --train_val_split."
+        ) from error
+    return DatasetDict({**dataset, "train": split["train"], "validation": split["test"]})
+
+
+def subsample(split: Dataset, max_samples: int, seed: int) -> Dataset:
+    return split.shuffle(seed=seed).select(range(min(max_samples, len(split))))
+
+
+def number_samples(split: Dataset) -> Dataset:
+    return split.add_column(SAMPLE_INDEX, np.arange(len(split)))
+
+
+class EvalTransform:
+    """Turns a batch of examples into `pixel_values` of the model's size, channels and normalisation, and `labels`.
+
+    `prepare` crops or resizes one PIL image and makes it a uint8 tensor; `normalize` scales and normalises the
+    stacked batch at once, which is several times faster than doing it image by image.
+    """
+
+    def __init__(
+        self, prepare: T.Transform, normalize: T.Transform, image_mode: str, image_column: str, label_column: str
+    ):
+        self.prepare, self.normalize, self.image_mode = prepare, normalize, image_mode
+        self.image_column, self.label_column = image_column, label_column
+
+    def __call__(self, batch: dict) -> dict:
+        images = [self.prepare(image.convert(self.image_mode)) for image in batch[self.image_column]]
+        return {"pixel_values": self.normalize(torch.stack(images)), "labels": batch[self.label_column]}
+
+
+class TrainTransform(EvalTransform):
+    """An `EvalTransform` whose `prepare` augments the images at random.
+
+    Each image's augmentation is seeded with (seed, epoch, sample), so it does not depend on which process or worker
+    loads the image, or on what was loaded before: a resumed run and a run on several processes see exactly the
+    images an uninterrupted single-process run sees.
+    """
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.epoch = 0  # set by the training loop; the loaders' worker processes receive a copy every epoch
+
+    def __call__(self, batch: dict) -> dict:
+        images = []
+        with torch.random.fork_rng(devices=[]):  # leaves the global generator, which dropout draws from, untouched
+            for image, index in zip(batch[self.image_column], batch[SAMPLE_INDEX], strict=True):
+                torch.default_generator.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+                images.append(self.prepare(image.convert(self.image_mode)))
+        return {
+            "pixel_values": self.normalize(torch.stack(images)),
+            "labels": batch[self.label_column],
+            SAMPLE_INDEX: batch[SAMPLE_INDEX],
+        }
+
+
+def build_transforms(
+    image_processor: ViTImageProcessor, num_channels: int, args: argparse.Namespace
+) -> tuple[TrainTransform, EvalTransform]:
+    """Training (random resized crop, optional flip) and evaluation (resize, center crop) transforms, with the size,
+    mean and standard deviation of the image processor, converting every image to the model's channels."""
+    if len(image_processor.image_mean) != num_channels or len(image_processor.image_std) != num_channels:
+        raise FinetuneError(
+            f"The image processor normalises {len(image_processor.image_mean)} channels but the model takes "
+            f"{num_channels}; save a processor whose image_mean and image_std have {num_channels} values."
+        )
+    size = image_processor.size
+    resize = size["shortest_edge"] if "shortest_edge" in size else (size["height"], size["width"])
+    crop = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None
+    crop = (crop["height"], crop["width"]) if crop else resize
+    flip = [T.RandomHorizontalFlip()] if args.horizontal_flip else []
+    augment = T.Compose([T.RandomResizedCrop(crop, scale=tuple(args.crop_scale)), *flip, T.ToImage()])
+    resize_and_crop = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToImage()])
+    normalize = T.Compose(
+        [
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=image_processor.image_mean, std=image_processor.image_std),
+        ]
+    )
+    image_mode = "RGB" if num_channels == 3 else "L"
+    columns = (image_mode, args.image_column_name, args.label_column_name)
+    return TrainTransform(augment, normalize, *columns, seed=args.seed), EvalTransform(
+        resize_and_crop, normalize, *columns
+    )
+
+
+def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
+
+
+def make_dataloader(dataset: Dataset, batch_size: int, args: argparse.Namespace, shuffle: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        # Seeds the workers without drawing from the global generator, which dropout uses.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training curves, model card and Hub
+
+
+def plot_training_curves(history: list[dict], path: Path):
+    """Loss, accuracy and learning rate per epoch, as a PNG."""
+    epochs = [record["epoch"] for record in history]
+    figure = Figure(figsize=(13, 3.6), layout="tight")  # no pyplot: no global state, no display needed
+    loss_axis, accuracy_axis, lr_axis = figure.subplots(1, 3)
+    loss_axis.plot(epochs, [r["train_loss"] for r in history], label="train (with label smoothing)")
+    loss_axis.plot(epochs, [r["eval_loss"] for r in history], label="validation")
+    loss_axis.set(title="loss", xlabel="epoch")
+    loss_axis.legend()
+    accuracy_axis.plot(epochs, [r["eval_accuracy"] for r in history], label="top-1")
+    if "eval_top5_accuracy" in history[0]:
+        accuracy_axis.plot(epochs, [r["eval_top5_accuracy"] for r in history], label="top-5")
+    accuracy_axis.set(title="validation accuracy", xlabel="epoch")
+    accuracy_axis.legend()
+    lr_axis.plot(epochs, [r["learning_rate"] for r in history])
+    lr_axis.set(title="learning rate (end of epoch)", xlabel="epoch")
+    figure.savefig(path, dpi=100)
+
+
+MODEL_CARD = """---
+{card_data}
+---
+
+# {model_name}
+
+A Vision Transformer ([vit-custom](https://huggingface.co/docs/transformers/custom_models)) for image classification,
+{origin} on {dataset_description} with `run_finetune.py`.
+
+| | |
+|---|---|
+{architecture}
+
+## Results
+
+{results_table}
+
+![Training curves](training_curves.png)
+
+## How to use
+
+The model code lives in this repository, so loading it runs that code on your machine: pin the `revision` to a commit
+you have reviewed.
+
+```python
+from transformers import pipeline
+
+classifier = pipeline(
+    "image-classification", model="{repo_id}", trust_remote_code=True, revision="{revision}"
+)
+classifier("image.png")
+```
+
+or, without the pipeline:
+
+```python
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+model = AutoModelForImageClassification.from_pretrained("{repo_id}", trust_remote_code=True, revision="{revision}")
+processor = AutoImageProcessor.from_pretrained("{repo_id}", revision="{revision}")
+```
+
+## Training
+
+{hyperparameters}
+
+Framework versions: transformers {transformers_version}, PyTorch {torch_version}, Accelerate {accelerate_version},
+Datasets {datasets_version}.
+"""
+
+
+def write_model_card(
+    output_dir: Path,
+    args: argparse.Namespace,
+    config: ViTCustomConfig,
+    results: dict,
+    repo_id: str | None,
+    revision: str = "main",
+):
+    """A README.md with Hub metadata (library, task, dataset, metrics as model-index) and a loading snippet."""
+    model_name = (repo_id or output_dir.name).split("/")[-1]
+    dataset_id, dataset_description = describe_dataset(args)
+    from_hub_model = args.model_name_or_path is not None and not Path(args.model_name_or_path).exists()
+    split = "test" if "test_accuracy" in results else "validation"
+    prefix = "test" if split == "test" else "eval"
+    metrics = {"accuracy": results[f"{prefix}_accuracy"]}
+    if f"{prefix}_top5_accuracy" in results:
+        metrics["top5_accuracy"] = results[f"{prefix}_top5_accuracy"]
+    card_data = ModelCardData(
+        license=args.license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["vit-custom", "vision", "image-classification", "custom_code"],
+        datasets=[dataset_id],
+        metrics=["accuracy"],
+        base_model=args.model_name_or_path if from_hub_model else None,
+        model_name=model_name,
+        eval_results=[
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=dataset_id,
+                dataset_name=dataset_description,
+                dataset_split=split,
+                metric_type=name,
+                metric_name=name.replace("_", " ").replace("top5", "top-5").capitalize(),
+                metric_value=round(value, 4),
+            )
+            for name, value in metrics.items()
+        ],
+    )
+    height, width = config.image_height_width
+    num_patches = config.grid_size[0] * config.grid_size[1]
+    architecture = {
+        "resolution": f"{height}x{width} px, {config.num_channels} channel(s)",
+        "patches": f"{config.patch_size}x{config.patch_size} px, {num_patches} tokens",
+        "encoder": f"{config.num_hidden_layers} blocks, width {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, MLP {config.intermediate_size}",
+        "pooling": f"{config.pooling} ({'with' if config.use_cls_token else 'without'} CLS token)",
+        "classes": f"{config.num_labels}: {', '.join(config.id2label[i] for i in range(min(config.num_labels, 10)))}"
+        + (", ..." if config.num_labels > 10 else ""),
+    }
+    results_table = "| split | metric | value |\n|---|---|---|\n" + "\n".join(
+        f"| {split} | {name.replace('_', ' ')} | {value:.4f} |" for name, value in metrics.items()
+    )
+    hyperparameters = {
+        "epochs": results.get("epoch"),
+        "batch size per device": args.per_device_train_batch_size,
+        "gradient accumulation": args.gradient_accumulation_steps,
+        "optimizer": f"AdamW, learning rate {args.learning_rate}, weight decay {args.weight_decay}",
+        "schedule": f"{args.lr_scheduler_type}, warmup {args.warmup_steps}",
+        "label smoothing": args.label_smoothing,
+        "augmentation": f"random resized crop (scale {args.crop_scale[0]}-{args.crop_scale[1]})"
+        + (", horizontal flip" if args.horizontal_flip else ""),
+        "seed": args.seed,
+        "training images": results.get("train_samples"),
+    }
+    card = ModelCard(
+        MODEL_CARD.format(
+            card_data=card_data.to_yaml(),
+            model_name=model_name,
+            origin=f"fine-tuned from `{args.model_name_or_path}`"
+            if args.model_name_or_path
+            else "trained from scratch",
+            dataset_description=dataset_description,
+            architecture="\n".join(f"| {key} | {value} |" for key, value in architecture.items()),
+            results_table=results_table,
+            repo_id=repo_id or f"<user>/{model_name}",
+            revision=revision,
+            hyperparameters="\n".join(f"- {key}: {value}" for key, value in hyperparameters.items()),
+            transformers_version=transformers.__version__,
+            torch_version=torch.__version__,
+            accelerate_version=accelerate.__version__,
+            datasets_version=datasets.__version__,
+        )
+    )
+    card.save(output_dir / "README.md")
+
+
+def describe_dataset(args: argparse.Namespace) -> tuple[str, str]:
+    """An identifier and a human description of the training data, for the model card."""
+    if args.dataset_name:
+        return args.dataset_name, args.dataset_name
+    if args.train_dir:
+        return "imagefolder", f"local images ({args.train_dir.name})"
+    return "sklearn-digits", "scikit-learn's handwritten digits (8x8 grayscale, 10 classes)"
+
+
+def create_hub_repo(args: argparse.Namespace, output_dir: Path) -> str:
+    """Create (or find) the Hub repo before training, so that a missing token or connection shows up at once."""
+    api = HfApi(token=args.hub_token)
+    try:
+        repo_id = api.create_repo(
+            args.hub_model_id or output_dir.name, private=args.hub_private_repo, exist_ok=True
+        ).repo_id
+        if args.hub_revision:
+            api.create_branch(repo_id, branch=args.hub_revision, exist_ok=True)
+    except Exception as error:
+        raise FinetuneError(
+            f"Cannot push to the Hub: creating the repo {args.hub_model_id or output_dir.name!r} failed ({error}). "
+            "Check your connection, that HF_HUB_OFFLINE is not set, and your token (`hf auth login` or "
+            "--hub_token); or drop --push_to_hub. Nothing was trained or written."
+        ) from error
+    return repo_id
+
+
+def push_to_hub(output_dir: Path, repo_id: str, args: argparse.Namespace, config: ViTCustomConfig, results: dict):
+    """Upload the output folder without its checkpoints, then pin the model card's snippet to that upload's commit."""
+    api = HfApi(token=args.hub_token)
+    try:
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            revision=args.hub_revision,
+            ignore_patterns=NOT_UPLOADED,
+            commit_message="Upload vit-custom model trained with run_finetune.py",
+        )
+        write_model_card(output_dir, args, config, results, repo_id, revision=commit.oid)
+        api.upload_file(
+            path_or_fileobj=output_dir / "README.md",
+            path_in_repo="README.md",
+            repo_id=repo_id,
+            revision=args.hub_revision,
+            commit_message=f"Pin the model card's loading snippet to {commit.oid[:8]}",
+        )
+    except Exception as error:
+        raise FinetuneError(
+            f"Training finished and everything is saved in {output_dir}, but uploading it to {repo_id} failed "
+            f"({error}). Upload it later with `hf upload {repo_id} {shlex.quote(str(output_dir))} "
+            + " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in NOT_UPLOADED)
+            + "`."
+        ) from error
+    logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id} at commit {commit.oid}")

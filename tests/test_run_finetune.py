@@ -1,0 +1,254 @@
+"""run_finetune.py trains, evaluates and saves a model a practitioner can share, on the CPU and offline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from finetune_helpers import (
+    SHORT_RUN,
+    TINY_MODEL,
+    fresh_accelerate_state,
+    make_image_folder,
+    run_main,
+    run_script,
+    save_tiny_checkpoint,
+)
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    pipeline,
+)
+
+import finetune_utils
+import run_finetune
+from modeling_vit_custom import ViTCustomForImageClassification, resample_position_embeddings
+
+SHAREABLE_FILES = (
+    "config.json",
+    "model.safetensors",
+    "configuration_vit_custom.py",
+    "modeling_vit_custom.py",
+    "preprocessor_config.json",
+    "README.md",
+    "all_results.json",
+    "training_curves.png",
+)
+
+
+def test_default_command_trains_on_digits_and_saves_a_folder_ready_to_share(tmp_path):
+    output_dir = tmp_path / "vit-custom-digits"
+    # The README's main command, shortened: the full run is measured by benchmarks/benchmark_default_run.py.
+    result = run_script("--num_train_epochs", 2, "--max_train_samples", 320, "--output_dir", output_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    log = result.stderr
+    assert "training: 100%" in log  # the progress bar
+    epoch_logs = [epoch_metrics(log, epoch, num_epochs=2) for epoch in (1, 2)]
+    for metrics in epoch_logs:
+        assert {"train_loss", "learning_rate", "eval_loss", "eval_accuracy", "eval_top5_accuracy"} <= set(metrics)
+    assert epoch_logs[1]["train_loss"] < epoch_logs[0]["train_loss"]
+    assert "test: test_loss" in log
+
+    assert all((output_dir / name).is_file() for name in SHAREABLE_FILES)
+    assert not list(output_dir.glob("checkpoint-*"))
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["test_samples"] == 360  # 20% of the 1,797 digits
+    assert results["eval_samples"] == 144  # 10% of the other 80%, held out for validation
+    assert results["train_samples"] == 320
+    assert 0 <= results["test_accuracy"] <= results["test_top5_accuracy"] <= 1
+
+    config = json.loads((output_dir / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert config["id2label"] == {str(d): str(d) for d in range(10)}
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-classification"
+    eval_results = {result.metric_type: result for result in card.data.eval_results}
+    assert eval_results["accuracy"].metric_value == round(results["test_accuracy"], 4)
+    assert eval_results["top5_accuracy"].metric_value == round(results["test_top5_accuracy"], 4)
+    assert eval_results["accuracy"].dataset_split == "test"
+    assert "trust_remote_code=True" in card.text and 'revision="' in card.text
+
+    with Image.open(output_dir / "training_curves.png") as curves:
+        assert curves.format == "PNG" and curves.width > 500
+
+    # The folder loads in a process that never imported the model code (this one uses the copies in the folder).
+    model = AutoModelForImageClassification.from_pretrained(output_dir, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules")
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    classifier = pipeline("image-classification", model=model, image_processor=processor)
+    digit = Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((4, 4), dtype=np.uint8)))
+    predictions = classifier(digit, top_k=3)
+    assert len(predictions) == 3 and all(p["label"] in config["id2label"].values() for p in predictions)
+
+
+def epoch_metrics(log: str, epoch: int, num_epochs: int) -> dict[str, float]:
+    """The metrics of the log line `... epoch 1/2: step 10, train_loss 2.28, ...`."""
+    line = next(line for line in log.splitlines() if f"epoch {epoch}/{num_epochs}:" in line)
+    pairs = (item.split() for item in line.split(f"epoch {epoch}/{num_epochs}:")[1].split(","))
+    return {name: float(value) for name, value in pairs}
+
+
+def test_checkpoint_is_fine_tuned_on_image_folders_with_a_new_head_at_a_new_resolution(tmp_path):
+    checkpoint = tmp_path / "pretrained"
+    save_tiny_checkpoint(checkpoint, labels=["a", "b", "c", "d", "e"], image_size=16, patch_size=4)
+    make_image_folder(tmp_path / "flowers" / "train", ["red", "green", "blue"], images_per_class=8)
+    make_image_folder(tmp_path / "flowers" / "val", ["red", "green", "blue"], images_per_class=3, seed=1)
+    output_dir = tmp_path / "out"
+
+    results = run_main(
+        "--model_name_or_path", checkpoint, "--ignore_mismatched_sizes", "--image_size", 24,
+        "--train_dir", tmp_path / "flowers" / "train", "--validation_dir", tmp_path / "flowers" / "val",
+        "--num_train_epochs", 2, "--per_device_train_batch_size", 8, "--with_tracking",
+        "--checkpointing_steps", "epoch", "--output_dir", output_dir,
+    )  # fmt: skip
+
+    assert results["eval_samples"] == 9 and "test_accuracy" not in results
+    assert "eval_top5_accuracy" not in results  # 3 classes: top-5 says nothing
+    model = ViTCustomForImageClassification.from_pretrained(output_dir)
+    assert model.config.id2label == {0: "blue", 1: "green", 2: "red"}
+    assert model.config.image_size == 24
+    assert model.vit.embeddings.position_embeddings.shape == (1, 1 + 6 * 6, 32)
+    assert AutoImageProcessor.from_pretrained(output_dir).size == {"height": 24, "width": 24}
+    assert list((output_dir / "runs").rglob("events.out.tfevents.*")), "--with_tracking wrote no TensorBoard log"
+    assert [p.name for p in run_finetune.list_checkpoints(output_dir)] == ["checkpoint-3", "checkpoint-6"]  # 24 / 8
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.eval_results[0].dataset_split == "validation"
+
+
+def test_load_model_resamples_position_embeddings_and_keeps_the_backbone(tmp_path):
+    checkpoint = tmp_path / "pretrained"
+    pretrained = save_tiny_checkpoint(checkpoint, labels=["a", "b", "c", "d", "e"], image_size=16, patch_size=4)
+    args = run_finetune.parse_args(
+        ["--model_name_or_path", str(checkpoint), "--image_size", "32", "--ignore_mismatched_sizes"]
+    )
+
+    model, image_processor = run_finetune.load_model(args, labels=["cat", "dog"])
+
+    expected = resample_position_embeddings(pretrained.vit.embeddings.position_embeddings, (8, 8), (4, 4), 1)
+    torch.testing.assert_close(model.vit.embeddings.position_embeddings, expected, rtol=0, atol=0)
+    for name, tensor in pretrained.state_dict().items():
+        if name.startswith("vit.") and name != "vit.embeddings.position_embeddings":
+            torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+    assert model.classifier.weight.shape == (2, 32)
+    assert image_processor.size == {"height": 32, "width": 32}
+
+
+def test_a_transformers_vit_checkpoint_is_read_through_the_converter(tmp_path):
+    vit_config = ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1},
+    )  # fmt: skip
+    vit = ViTForImageClassification(vit_config).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    args = run_finetune.parse_args(["--model_name_or_path", str(tmp_path / "vit")])
+
+    model, image_processor = run_finetune.load_model(args, labels=["cat", "dog"])
+
+    pixel_values = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(pixel_values).logits, vit(pixel_values).logits, rtol=1e-4, atol=1e-4)
+    assert image_processor.size == {"height": 16, "width": 16}
+
+
+def test_same_labels_keep_the_checkpoint_head(tmp_path):
+    checkpoint = tmp_path / "pretrained"
+    pretrained = save_tiny_checkpoint(checkpoint, labels=["cat", "dog"])
+    args = run_finetune.parse_args(["--model_name_or_path", str(checkpoint)])
+    model, _ = run_finetune.load_model(args, labels=["cat", "dog"])
+    torch.testing.assert_close(model.classifier.weight, pretrained.classifier.weight, rtol=0, atol=0)
+
+
+def test_weight_decay_spares_biases_norms_cls_token_and_position_embeddings():
+    model, _ = run_finetune.load_model(run_finetune.parse_args(TINY_MODEL), labels=["a", "b"])
+    decay, no_decay = run_finetune.parameter_groups(model, weight_decay=0.05)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decayed | not_decayed == set(names.values()) and not decayed & not_decayed
+    assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"} <= not_decayed
+    assert all(
+        name.endswith(".bias") or "layernorm" in name
+        for name in not_decayed - {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"}
+    )
+    assert decayed == {name for name in names.values() if name.endswith(".weight") and "layernorm" not in name}
+
+
+def test_digits_are_split_80_20_and_a_stratified_validation_split_is_carved_out():
+    dataset = finetune_utils.load_image_dataset(run_finetune.parse_args([]))
+    assert {name: len(split) for name, split in dataset.items()} == {"train": 1293, "validation": 144, "test": 360}
+    for split in dataset.values():
+        counts = np.bincount(split["label"], minlength=10)
+        np.testing.assert_allclose(counts / len(split), np.full(10, 0.1), atol=0.012)
+
+    small = finetune_utils.load_image_dataset(
+        run_finetune.parse_args(["--max_train_samples", "50", "--max_eval_samples", "20"])
+    )
+    assert {name: len(split) for name, split in small.items()} == {"train": 50, "validation": 20, "test": 20}
+
+
+@pytest.mark.parametrize("num_channels", [1, 3])
+def test_transforms_convert_grayscale_and_rgb_images_to_the_model_channels(num_channels):
+    args = run_finetune.parse_args(["--num_channels", str(num_channels)])
+    model, image_processor = run_finetune.load_model(args, labels=["a", "b"])
+    train_transform, eval_transform = finetune_utils.build_transforms(image_processor, num_channels, args)
+    images = [Image.new("L", (8, 8), 200), Image.new("RGB", (30, 20), (10, 200, 30))]
+    batch = {"image": images, "label": [0, 1], finetune_utils.SAMPLE_INDEX: [0, 1]}
+
+    for transform in (train_transform, eval_transform):
+        pixel_values = transform(dict(batch))["pixel_values"]
+        assert pixel_values.shape == (2, num_channels, 16, 16)
+        assert model(pixel_values=pixel_values).logits.shape == (2, 2)
+    # A uniform gray image normalised with mean 0.5 and std 0.5: (200 / 255 - 0.5) / 0.5 everywhere.
+    eval_gray = eval_transform(dict(batch))["pixel_values"][0]
+    torch.testing.assert_close(eval_gray, torch.full_like(eval_gray, (200 / 255 - 0.5) / 0.5))
+
+
+def test_an_image_gets_the_same_augmentation_whatever_else_is_in_its_batch():
+    args = run_finetune.parse_args([])
+    _, image_processor = run_finetune.load_model(args, labels=["a", "b"])
+    train_transform, _ = finetune_utils.build_transforms(image_processor, 3, args)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(3)]
+
+    alone = train_transform({"image": images[2:], "label": [0], finetune_utils.SAMPLE_INDEX: [2]})
+    batched = train_transform({"image": images, "label": [0, 0, 0], finetune_utils.SAMPLE_INDEX: [0, 1, 2]})
+    torch.testing.assert_close(alone["pixel_values"][0], batched["pixel_values"][2], rtol=0, atol=0)
+    train_transform.epoch = 1
+    next_epoch = train_transform({"image": images[2:], "label": [0], finetune_utils.SAMPLE_INDEX: [2]})
+    assert not torch.equal(next_epoch["pixel_values"][0], alone["pixel_values"][0])
+
+
+def test_accumulated_batches_loaded_by_worker_processes_train_like_one_large_batch(tmp_path):
+    common = [*TINY_MODEL, *SHORT_RUN, "--max_train_steps", 2]
+    run_main(*common, "--per_device_train_batch_size", 16, "--output_dir", tmp_path / "large")
+    run_main(
+        *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 2,
+        "--dataloader_num_workers", 2, "--output_dir", tmp_path / "accumulated",
+    )  # fmt: skip
+
+    large = load_file(tmp_path / "large" / "model.safetensors")
+    accumulated = load_file(tmp_path / "accumulated" / "model.safetensors")
+    for name, tensor in large.items():
+        torch.testing.assert_close(accumulated[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_model_is_saved_under_its_own_parameter_names(tmp_path):
+    args = run_finetune.parse_args([*TINY_MODEL, "--torch_compile"])
+    model, image_processor = run_finetune.load_model(args, labels=["a", "b"])
+    with fresh_accelerate_state():
+        accelerator = run_finetune.create_accelerator(args)
+        compiled = accelerator.prepare(model)  # compiles lazily, at the first forward pass: nothing is compiled here
+        assert type(compiled).__name__ == "OptimizedModule"
+        run_finetune.save_model(accelerator, compiled, image_processor, tmp_path)
+
+    assert set(load_file(tmp_path / "model.safetensors")) == set(model.state_dict())

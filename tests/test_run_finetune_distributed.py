@@ -1,0 +1,62 @@
+"""Data-parallel training on two CPU processes (gloo): disjoint halves of each batch, every sample evaluated once."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from conftest import REPO_ROOT
+from finetune_helpers import TINY_MODEL, script_env
+
+import finetune_utils
+import run_finetune
+from modeling_vit_custom import ViTCustomForImageClassification
+
+# 64 training images: 4 steps of 2 x 8. 50 evaluation images in batches of 2 x 16: the last one is padded with repeats.
+ARGUMENTS = [
+    *TINY_MODEL,
+    "--num_train_epochs", "1", "--max_train_samples", "64", "--max_eval_samples", "50",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--cpu",
+]  # fmt: skip
+
+
+def test_two_processes_train_on_disjoint_halves_and_evaluate_every_sample_once(tmp_path):
+    output_dir = tmp_path / "out"
+    # `accelerate launch --cpu --num_processes 2` starts a single process; --multi_gpu with --cpu starts two on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    result = subprocess.run(
+        [*launch, str(REPO_ROOT / "tests" / "record_batches.py"), *ARGUMENTS, "--output_dir", str(output_dir)],
+        cwd=REPO_ROOT,
+        env={**script_env(), "RECORD_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(record["rank"], record["world_size"]) for record in records] == [(0, 2), (1, 2)]
+    steps = list(zip(records[0]["train_batches"], records[1]["train_batches"], strict=True))
+    assert len(steps) == 4
+    for first_half, second_half in steps:
+        assert len(first_half) == len(second_half) == 8
+        assert not set(first_half) & set(second_half)
+    assert sorted(index for step in steps for half in step for index in half) == list(range(64))
+
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_samples"] == results["test_samples"] == 50
+    # The metrics equal those of one process evaluating the saved model on the same images.
+    args = run_finetune.parse_args([*ARGUMENTS, "--output_dir", str(output_dir)])
+    dataset = finetune_utils.load_image_dataset(args)
+    model = ViTCustomForImageClassification.from_pretrained(output_dir).eval()
+    _, image_processor = run_finetune.load_model(args, labels=dataset["train"].features["label"].names)
+    _, eval_transform = finetune_utils.build_transforms(image_processor, model.config.num_channels, args)
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        batch = eval_transform(dataset[split][:])
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"]).logits
+        labels = torch.tensor(batch["labels"])
+        assert results[f"{prefix}_accuracy"] == np.mean((logits.argmax(-1) == labels).numpy())
+        assert abs(results[f"{prefix}_loss"] - torch.nn.functional.cross_entropy(logits, labels).item()) < 1e-5
