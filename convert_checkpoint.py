@@ -405,7 +405,7 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: ViTCustomConfi
         if key in expected and tuple(tensor.shape) != expected[key]
     ]
     problems = [
-        f"{title} ({len(keys)}): {_shorten(keys)}"
+        f"{title} ({len(keys)}): {shorten(keys)}"
         for title, keys in (
             ("missing tensors, vit-custom names", missing),
             ("tensors vit-custom has no place for", unexpected),
@@ -638,7 +638,7 @@ def _reject_unsupported_timm_tensors(state_dict: dict[str, torch.Tensor]):
         if keys:
             found[feature] = keys
     if found:
-        listed = "; ".join(f"{feature} ({_shorten(keys, 3)})" for feature, keys in found.items())
+        listed = "; ".join(f"{feature} ({shorten(keys, 3)})" for feature, keys in found.items())
         raise ValueError(f"The timm checkpoint uses options vit-custom does not have: {listed}.")
 
 
@@ -653,7 +653,7 @@ def _require_timm_sizes(state_dict: dict[str, torch.Tensor]):
         )
         raise ValueError(
             f"Not a timm VisionTransformer state dict: {', '.join(missing)} missing among "
-            f"{_shorten(sorted(state_dict))}.{hint}"
+            f"{shorten(sorted(state_dict))}.{hint}"
         )
 
 
@@ -868,8 +868,9 @@ def _square(size: int | list[int] | tuple[int, int], name: str) -> int:
     return int(size[0])
 
 
-def _shorten(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
+def shorten(items: list, limit: int = 8) -> str:
+    """The first `limit` items, comma-separated, with how many more there are."""
+    shown = ", ".join(map(str, items[:limit]))
     return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
 
 

@@ -21,6 +21,7 @@ from torchvision.transforms import v2 as T
 from transformers import ViTImageProcessor
 
 from configuration_vit_custom import ViTCustomConfig
+from convert_checkpoint import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,6 @@ NOT_UPLOADED = ["checkpoint-*", "tmp/*"]
 
 class FinetuneError(Exception):
     """A problem with the inputs, with a message that names it and its fix."""
-
-
-def shorten(names: list[str], limit: int = 5) -> str:
-    """The first `limit` names, comma-separated, with `...` when there are more."""
-    return ", ".join(map(str, names[:limit])) + (", ..." if len(names) > limit else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -404,7 +400,7 @@ def write_model_card(
         pipeline_tag="image-classification",
         tags=["vit-custom", "vision", "image-classification", "custom_code"],
         datasets=[dataset_id],
-        metrics=["accuracy"],
+        metrics=list(metrics),
         base_model=args.model_name_or_path if from_hub_model else None,
         model_name=model_name,
         eval_results=[
@@ -522,4 +518,4 @@ def push_to_hub(output_dir: Path, repo_id: str, args: argparse.Namespace, config
             + " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in NOT_UPLOADED)
             + "`."
         ) from error
-    logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id} at commit {commit.oid}")
+    logger.info(f"Pushed {output_dir} to {commit.repo_url} at commit {commit.oid}")

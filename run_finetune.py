@@ -16,6 +16,7 @@ is never overwritten unless `--overwrite_output_dir` is given.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import ViTImageProcessor, get_scheduler
 
 import convert_checkpoint
+from convert_checkpoint import shorten
 from configuration_vit_custom import PRESETS, ViTCustomConfig
 from finetune_utils import (
     FinetuneError,
@@ -49,7 +51,6 @@ from finetune_utils import (
     number_samples,
     plot_training_curves,
     push_to_hub,
-    shorten,
     write_model_card,
 )
 from modeling_vit_custom import ViTCustomForImageClassification
@@ -60,6 +61,19 @@ REPO_ROOT = Path(__file__).resolve().parent
 # `evaluate.load("accuracy")` fetches its script from the Hub; this copy loads offline.
 METRIC_PATH = REPO_ROOT / "metrics" / "accuracy"
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+# What a run writes into its output folder besides checkpoints; --overwrite_output_dir deletes these, and only these.
+RUN_OUTPUTS = (
+    "config.json",
+    "model.safetensors",
+    "configuration_vit_custom.py",
+    "modeling_vit_custom.py",
+    "preprocessor_config.json",
+    "README.md",
+    "all_results.json",
+    "training_curves.png",
+    "runs",
+    "tmp",
+)
 TRACKER_PROJECT = "vit-custom"
 
 # The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator.register_for_checkpointing(progress)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint)
-    prepare_output_dir(output_dir, args, accelerator)
+    prepare_output_dir(output_dir, checkpoint, args, accelerator)
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, tracker_config(args))
     log_training_plan(args, accelerator, len(train_dataset), num_epochs, max_train_steps, checkpoint, progress)
@@ -303,7 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gradient_accumulation_steps",
         type=positive_int,
         default=1,
-        help="Batches whose gradients are summed before each optimizer step.",
+        help="Batches per optimizer step; the update equals one on all their images together, also for a short "
+        "last batch or a short last window of an epoch.",
     )
     training.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Peak learning rate of AdamW.")
     training.add_argument(
@@ -476,7 +491,6 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
         # A seedable sampler makes the data order a function of (seed, epoch), so a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         # The scheduler is stepped once per optimizer update, on every process (see `train_one_epoch`).
@@ -519,12 +533,13 @@ class TrainingProgress:
     epoch: int = 0
     batches_seen: int = 0  # batches of `epoch` already trained on (by each process)
     completed_steps: int = 0  # optimizer updates so far
-    loss_sum: float = 0.0  # training loss summed over the batches of `epoch`
+    loss_sum: float = 0.0  # training loss summed over the images of `epoch` (by each process)
+    samples_seen: int = 0  # images of `epoch` already trained on (by each process)
     history: list[dict] = field(default_factory=list)  # the metrics of every finished epoch
 
     def finish_epoch(self, record: dict):
         self.history.append(record)
-        self.epoch, self.batches_seen, self.loss_sum = self.epoch + 1, 0, 0.0
+        self.epoch, self.batches_seen, self.loss_sum, self.samples_seen = self.epoch + 1, 0, 0.0, 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -557,8 +572,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoints in `output_dir`, oldest first. Unfinished saves never carry the final name."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m[1]), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.fullmatch(p.name))]
-    return [path for _, path in sorted(found)]
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.fullmatch(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a `checkpoint-N` folder was saved at."""
+    return int(CHECKPOINT_PATTERN.fullmatch(checkpoint.name)[1])
 
 
 def check_output_dir(output_dir: Path, checkpoint: Path | None, args: argparse.Namespace):
@@ -577,14 +597,27 @@ def check_output_dir(output_dir: Path, checkpoint: Path | None, args: argparse.N
     )
 
 
-def prepare_output_dir(output_dir: Path, args: argparse.Namespace, accelerator: Accelerator):
-    """Create the output folder; with --overwrite_output_dir, delete the checkpoints and logs of the run it held."""
+def prepare_output_dir(output_dir: Path, checkpoint: Path | None, args: argparse.Namespace, accelerator: Accelerator):
+    """Create the output folder and clear what the run must not mix with its own files.
+
+    Resuming from a checkpoint of this folder drops the checkpoints newer than it: they continue another timeline,
+    which `latest` must not pick if this run stops too. --overwrite_output_dir deletes the previous run's outputs and
+    checkpoints (only those: other files in the folder stay).
+    """
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if args.overwrite_output_dir and args.resume_from_checkpoint is None:
-            for path in output_dir.iterdir():
-                if path.is_dir() and (CHECKPOINT_PATTERN.fullmatch(path.name) or path.name in ("runs", "tmp")):
-                    shutil.rmtree(path)
+        if checkpoint is not None and checkpoint.resolve().parent == output_dir.resolve():
+            stale = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) > checkpoint_step(checkpoint)]
+        elif args.overwrite_output_dir:
+            stale = list_checkpoints(output_dir) + [output_dir / name for name in RUN_OUTPUTS]
+        else:
+            stale = []
+        for path in stale:
+            if path.is_dir():
+                logger.info(f"Deleting {path} of an earlier run")
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     accelerator.wait_for_everyone()
 
 
@@ -592,7 +625,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: Traini
     """Save everything needed to resume. The state is written to a temporary folder that is renamed when complete,
     so a run killed while saving leaves the previous checkpoints intact and `latest` never picks a partial one."""
     if accelerator.num_processes > 1:
-        # Every process holds its own partial loss sum; keep their mean, which resumes to the same epoch loss.
+        # Every process holds its own partial loss sum over as many images; keep their mean, which resumes to the
+        # same epoch loss.
         loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=accelerator.device)
         progress.loss_sum = accelerator.reduce(loss_sum, "mean").item()
     final = output_dir / f"checkpoint-{progress.completed_steps}"
@@ -719,29 +753,59 @@ def train_one_epoch(
     train_dataloader.set_epoch(progress.epoch)
     # A resumed run skips the batches of this epoch it trained on before it stopped (the data order is seeded).
     batches = skip_first_batches(train_dataloader, progress.batches_seen) if progress.batches_seen else train_dataloader
-    for batch in batches:
-        with accelerator.accumulate(model):
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            loss = nn.functional.cross_entropy(logits.float(), batch["labels"], label_smoothing=args.label_smoothing)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                lr_scheduler.step()
-            optimizer.zero_grad()
-        progress.batches_seen += 1
-        progress.loss_sum += loss.item()
-        if accelerator.sync_gradients:
-            progress.completed_steps += 1
-            progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, progress)
-            if progress.completed_steps >= max_train_steps:
-                break
-    mean_loss = torch.tensor(progress.loss_sum / progress.batches_seen, device=accelerator.device)
+    for window in accumulation_windows(batches, args.gradient_accumulation_steps):
+        window_loss_sum, window_samples = accumulate_gradients(accelerator, model, window, args.label_smoothing)
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
+        optimizer.zero_grad()
+        progress.batches_seen += len(window)
+        progress.loss_sum += window_loss_sum
+        progress.samples_seen += window_samples
+        progress.completed_steps += 1
+        progress_bar.update(1)
+        progress_bar.set_postfix(loss=f"{window_loss_sum / window_samples:.4f}", refresh=False)
+        if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, progress)
+        if progress.completed_steps >= max_train_steps:
+            break
+    mean_loss = torch.tensor(progress.loss_sum / progress.samples_seen, device=accelerator.device)
     return accelerator.reduce(mean_loss, "mean").item()
+
+
+def accumulation_windows(batches, size: int):
+    """Groups consecutive batches into the windows of one optimizer step each; the last window may be shorter."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float):
+    """Forward and backward over the batches of one optimizer step; returns the window's summed loss and images.
+
+    Each image's loss is divided by the images of the whole window, not of its batch, so the gradient equals that
+    of one batch of all of them, however the window splits (a short last batch, a short last window). Processes
+    synchronise their gradients once, after the last batch.
+    """
+    num_samples = sum(len(batch["labels"]) for batch in window)
+    loss_sum = 0.0
+    for index, batch in enumerate(window):
+        is_last = index == len(window) - 1
+        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            losses = nn.functional.cross_entropy(
+                logits.float(), batch["labels"], label_smoothing=label_smoothing, reduction="sum"
+            )
+            accelerator.backward(losses / num_samples)
+        loss_sum += losses.item()
+    return loss_sum, num_samples
 
 
 @torch.no_grad()

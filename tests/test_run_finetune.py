@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from finetune_helpers import (
-    SHORT_RUN,
     TINY_MODEL,
     fresh_accelerate_state,
     make_image_folder,
@@ -229,10 +228,11 @@ def test_an_image_gets_the_same_augmentation_whatever_else_is_in_its_batch():
 
 
 def test_accumulated_batches_loaded_by_worker_processes_train_like_one_large_batch(tmp_path):
-    common = [*TINY_MODEL, *SHORT_RUN, "--max_train_steps", 2]
-    run_main(*common, "--per_device_train_batch_size", 16, "--output_dir", tmp_path / "large")
+    # 20 images: one batch of 20, or batches of 8, 8 and a short 4 accumulated into the same single update.
+    common = [*TINY_MODEL, "--num_train_epochs", 1, "--max_train_samples", 20, "--max_eval_samples", 10]
+    run_main(*common, "--per_device_train_batch_size", 20, "--output_dir", tmp_path / "large")
     run_main(
-        *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 2,
+        *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 3,
         "--dataloader_num_workers", 2, "--output_dir", tmp_path / "accumulated",
     )  # fmt: skip
 
@@ -240,6 +240,9 @@ def test_accumulated_batches_loaded_by_worker_processes_train_like_one_large_bat
     accumulated = load_file(tmp_path / "accumulated" / "model.safetensors")
     for name, tensor in large.items():
         torch.testing.assert_close(accumulated[name], tensor, rtol=1e-5, atol=1e-6)
+    large_results = json.loads((tmp_path / "large" / "all_results.json").read_text())
+    accumulated_results = json.loads((tmp_path / "accumulated" / "all_results.json").read_text())
+    assert accumulated_results["train_loss"] == pytest.approx(large_results["train_loss"], rel=1e-5)
 
 
 def test_a_compiled_model_is_saved_under_its_own_parameter_names(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import REPO_ROOT
-from finetune_helpers import TINY_MODEL, run_main, script_env
+from finetune_helpers import TINY_MODEL, fresh_accelerate_state, run_main, script_env
 from safetensors.torch import load_file
 
 import run_finetune
@@ -81,3 +81,41 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_to_resume_from(tm
     results = run_main(*RESUMABLE_RUN, "--output_dir", output_dir, "--resume_from_checkpoint", "latest")
     assert results["epoch"] == 3
     assert (output_dir / "checkpoint-8" / "model.safetensors").is_file()
+
+
+def fake_run_folder(folder, steps=(4, 8, 12)):
+    """A folder as a run leaves it: checkpoints, results, and a file of the user's own."""
+    for step in steps:
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "custom_checkpoint_0.pkl").write_bytes(b"state")
+    for name in ("model.safetensors", "all_results.json", "README.md"):
+        (folder / name).write_text("old run")
+    (folder / "notes.txt").write_text("mine")
+
+
+def prepare(folder, *flags, checkpoint=None):
+    with fresh_accelerate_state():
+        args = run_finetune.parse_args([*map(str, flags), "--output_dir", str(folder)])
+        run_finetune.prepare_output_dir(folder, checkpoint, args, run_finetune.create_accelerator(args))
+
+
+def test_overwrite_deletes_the_previous_runs_outputs_and_checkpoints_only(tmp_path):
+    fake_run_folder(tmp_path)
+    prepare(tmp_path, "--overwrite_output_dir")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_resuming_from_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path):
+    fake_run_folder(tmp_path)
+    prepare(tmp_path, "--resume_from_checkpoint", tmp_path / "checkpoint-4", checkpoint=tmp_path / "checkpoint-4")
+    assert run_finetune.list_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "notes.txt").exists()
+
+
+def test_overwrite_while_resuming_from_another_folder_clears_this_one(tmp_path):
+    fake_run_folder(tmp_path / "old")
+    fake_run_folder(tmp_path / "new", steps=(50,))
+    source = tmp_path / "old" / "checkpoint-4"
+    prepare(tmp_path / "new", "--overwrite_output_dir", "--resume_from_checkpoint", source, checkpoint=source)
+    assert run_finetune.list_checkpoints(tmp_path / "new") == []
+    assert run_finetune.list_checkpoints(tmp_path / "old") == [tmp_path / "old" / f"checkpoint-{s}" for s in (4, 8, 12)]
