@@ -94,6 +94,7 @@ def test_losses_match_torch_reductions():
         model(pixel_values, labels=labels).loss, torch.nn.functional.cross_entropy(logits, labels)
     )
     assert model.config.problem_type == "single_label_classification"
+    torch.testing.assert_close(model(pixel_values, labels=labels.int()).loss, model(pixel_values, labels=labels).loss)
 
     multi = torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0]])
     model.config.problem_type = None
