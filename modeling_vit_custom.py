@@ -65,7 +65,8 @@ class ViTCustomPatchEmbeddings(nn.Module):
     """Cuts the image into non-overlapping patches and projects each one to `hidden_size`.
 
     The projection is stored as a strided convolution, the layout of ViT checkpoints, and run as one matrix product
-    over the flattened patches: the same sums, with less overhead than a convolution call.
+    over the flattened patches: the same sums, with less overhead than a convolution call. So `projection` is
+    never called: hooks or adapters belong on this module, not on `projection`.
     """
 
     def __init__(self, config: ViTCustomConfig):
