@@ -221,10 +221,17 @@ def load_vit_custom(path_or_repo: str | Path, **config_overrides) -> ViTCustomFo
     source = resolve_source(path_or_repo)
     config, state_dict = read_checkpoint(source, **overrides)
     config, state_dict = adapt_checkpoint(config, state_dict, **overrides)
+    return model_from_state_dict(config, state_dict).eval()
+
+
+def model_from_state_dict(
+    config: ViTCustomConfig, state_dict: dict[str, torch.Tensor]
+) -> ViTCustomForImageClassification:
+    """The classifier of `config` holding the (checked, adapted) `state_dict`."""
     model = ViTCustomForImageClassification(config)
     # read_checkpoint has checked every tensor; a missing classifier is the new head, left to its initialisation.
     model.load_state_dict(state_dict, strict="classifier.weight" in state_dict)
-    return model.eval()
+    return model
 
 
 def load_image_processor(path_or_repo: str | Path, image_size: int | list[int]) -> ViTImageProcessor:

@@ -148,7 +148,10 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(Q K^T * scaling) V on `(batch, heads, tokens, head_dim)` inputs; returns `(batch, tokens, heads, head_dim)`."""
+    """softmax(Q K^T * scaling) V on `(batch, heads, tokens, head_dim)` inputs.
+
+    Returns the output as `(batch, tokens, heads, head_dim)` and the attention weights.
+    """
     attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask

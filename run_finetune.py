@@ -608,7 +608,8 @@ def prepare_output_dir(output_dir: Path, checkpoint: Path | None, args: argparse
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None and checkpoint.resolve().parent == output_dir.resolve():
-            stale = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) > checkpoint_step(checkpoint)]
+            resumed_step = checkpoint_step(checkpoint)
+            stale = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) > resumed_step]
         elif args.overwrite_output_dir:
             stale = list_checkpoints(output_dir) + [output_dir / name for name in RUN_OUTPUTS]
         else:
@@ -683,17 +684,16 @@ def load_model(
         )
     try:
         # Any checkpoint the converter reads: vit_custom, transformers ViT or timm; a folder or a Hub repo.
-        pretrained = convert_checkpoint.load_vit_custom(args.model_name_or_path)
-        check_head(pretrained.config, labels, args)
+        source = convert_checkpoint.resolve_source(args.model_name_or_path)
+        pretrained_config, state_dict = convert_checkpoint.read_checkpoint(source, **overrides)
+        check_head(pretrained_config, labels, args)
         config, state_dict = convert_checkpoint.adapt_checkpoint(
-            pretrained.config, pretrained.state_dict(), **overrides, **label_config
+            pretrained_config, state_dict, **overrides, **label_config
         )
         image_processor = convert_checkpoint.load_image_processor(args.model_name_or_path, config.image_size)
     except (OSError, ValueError) as error:  # the converter names what is wrong with the checkpoint or the flags
         raise FinetuneError(f"Cannot fine-tune {args.model_name_or_path}: {error}") from error
-    model = ViTCustomForImageClassification(config)
-    model.load_state_dict(state_dict, strict="classifier.weight" in state_dict)  # else: the new head, initialised
-    return model, image_processor
+    return convert_checkpoint.model_from_state_dict(config, state_dict), image_processor
 
 
 def check_head(pretrained: ViTCustomConfig, labels: list[str], args: argparse.Namespace):
