@@ -239,13 +239,23 @@ class TrainTransform(EvalTransform):
     def __init__(self, *args, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = seed
-        self.epoch = 0  # set by the training loop; the loaders' worker processes receive a copy every epoch
+        # In shared memory, so that the loader's persistent worker processes see the epoch the training loop sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int):
+        self._epoch.fill_(epoch)
 
     def __call__(self, batch: dict) -> dict:
         images = []
+        epoch = self.epoch
         with torch.random.fork_rng(devices=[]):  # leaves the global generator, which dropout draws from, untouched
             for image, index in zip(batch[self.image_column], batch[SAMPLE_INDEX], strict=True):
-                torch.default_generator.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+                torch.default_generator.manual_seed(hash((self.seed, epoch, index)) % 2**63)
                 images.append(self.prepare(image.convert(self.image_mode)))
         return {
             "pixel_values": self.normalize(torch.stack(images)),
@@ -291,16 +301,32 @@ def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def make_dataloader(dataset: Dataset, batch_size: int, args: argparse.Namespace, shuffle: bool = False) -> DataLoader:
+def make_dataloader(
+    dataset: Dataset, batch_size: int, num_workers: int, seed: int, device: torch.device, shuffle: bool = False
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=collate_fn,
-        num_workers=args.dataloader_num_workers,
+        num_workers=num_workers,
+        # Workers started once, not every epoch: starting them costs more than an epoch of the digits.
+        persistent_workers=num_workers > 0,
+        pin_memory=device.type == "cuda",
         # Seeds the workers without drawing from the global generator, which dropout uses.
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
     )
+
+
+def default_num_workers(accelerator: accelerate.Accelerator) -> int:
+    """Loader workers for the CPU cores a training process leaves free: its torch threads on the CPU, one on a GPU.
+
+    At most 4 (enough to keep a GPU fed with small images); 0, loading in the training process, where no core is free.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    busy = torch.get_num_threads() if accelerator.device.type == "cpu" else 1
+    return max(0, min(4, cores // local_processes - busy))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """run_finetune.py trains, evaluates and saves a model a practitioner can share, on the CPU and offline."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from finetune_helpers import (
     TINY_MODEL,
     fresh_accelerate_state,
@@ -225,6 +227,37 @@ def test_an_image_gets_the_same_augmentation_whatever_else_is_in_its_batch():
     train_transform.epoch = 1
     next_epoch = train_transform({"image": images[2:], "label": [0], finetune_utils.SAMPLE_INDEX: [2]})
     assert not torch.equal(next_epoch["pixel_values"][0], alone["pixel_values"][0])
+
+
+def test_worker_processes_load_the_images_the_training_process_would_load_every_epoch(tmp_path):
+    # The workers live for the whole run: each epoch's augmentations must still reach them, so two epochs with workers
+    # train to the same weights as two epochs loaded in the training process.
+    common = [*TINY_MODEL, "--num_train_epochs", 2, "--max_train_samples", 24, "--max_eval_samples", 10]
+    run_main(*common, "--dataloader_num_workers", 0, "--output_dir", tmp_path / "in_process")
+    run_main(*common, "--dataloader_num_workers", 2, "--output_dir", tmp_path / "workers")
+
+    in_process = load_file(tmp_path / "in_process" / "model.safetensors")
+    workers = load_file(tmp_path / "workers" / "model.safetensors")
+    for name, tensor in in_process.items():
+        assert torch.equal(workers[name], tensor), name
+
+
+def test_default_worker_count_uses_the_cores_training_leaves_free(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with fresh_accelerate_state():
+        accelerator = Accelerator(cpu=True)
+        torch.set_num_threads(1)
+        assert finetune_utils.default_num_workers(accelerator) == 4  # at most 4
+        torch.set_num_threads(14)
+        assert finetune_utils.default_num_workers(accelerator) == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert finetune_utils.default_num_workers(accelerator) == 0  # 8 cores per process, 14 threads each
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        torch.set_num_threads(1)
+        assert finetune_utils.default_num_workers(accelerator) == 0  # one core each, busy training
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        assert finetune_utils.default_num_workers(accelerator) == 1  # this machine: 2 cores, 1 thread
 
 
 def test_accumulated_batches_loaded_by_worker_processes_train_like_one_large_batch(tmp_path):
