@@ -19,6 +19,7 @@ From Python, `load_vit_custom` returns the model and `load_image_processor` its 
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.to_hf_vit:
-            model = load_vit_custom(args.source)
-            image_processor = load_image_processor(args.source, model.config.image_size)
+            model = load_vit_custom(args.source, revision=args.revision)
+            image_processor = load_image_processor(args.source, model.config.image_size, revision=args.revision)
             output_dir = export_to_hf_vit(model, args.output_dir, image_processor, overwrite=args.overwrite)
         else:
             image_size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None):
                 num_labels=args.num_labels,
                 labels=args.labels,
                 overwrite=args.overwrite,
+                revision=args.revision,
                 num_attention_heads=args.num_attention_heads,
             )
     except (ValueError, OSError) as error:
@@ -164,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         "repo id such as google/vit-base-patch16-224.",
     )
     parser.add_argument("output_dir", help="Folder to write; it must not exist yet, or be empty, unless --overwrite.")
+    parser.add_argument(
+        "--revision",
+        help="Branch, tag or commit of a Hub repo source (default: main); a commit sha pins the exact weights.",
+    )
     parser.add_argument(
         "--image-size",
         type=int,
@@ -201,11 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_vit_custom(path_or_repo: str | Path, **config_overrides) -> ViTCustomForImageClassification:
+def load_vit_custom(
+    path_or_repo: str | Path, revision: str | None = None, **config_overrides
+) -> ViTCustomForImageClassification:
     """Load any supported checkpoint as a vit-custom image classifier, in eval mode.
 
     Args:
         path_or_repo: a vit-custom, transformers ViT or timm folder, a timm state-dict file, or a Hub repo id.
+        revision: branch, tag or commit of a Hub repo (default: main); a commit sha pins the exact weights.
         **config_overrides: `ViTCustomConfig` fields. `image_size` resamples the position embeddings; `num_labels` or
             `id2label` (and `label2id`) that differ from the checkpoint's give a new, randomly initialised classifier;
             fine-tuning settings (`drop_path_rate`, `hidden_dropout_prob`, `interpolate_pos_encoding`, ...) are taken
@@ -218,7 +227,7 @@ def load_vit_custom(path_or_repo: str | Path, **config_overrides) -> ViTCustomFo
             size; the message names them. Nothing is returned half-loaded.
     """
     overrides = {name: value for name, value in config_overrides.items() if value is not None}
-    source = resolve_source(path_or_repo)
+    source = resolve_source(path_or_repo, revision)
     config, state_dict = read_checkpoint(source, **overrides)
     config, state_dict = adapt_checkpoint(config, state_dict, **overrides)
     return model_from_state_dict(config, state_dict).eval()
@@ -234,13 +243,16 @@ def model_from_state_dict(
     return model
 
 
-def load_image_processor(path_or_repo: str | Path, image_size: int | list[int]) -> ViTImageProcessor:
+def load_image_processor(
+    path_or_repo: str | Path, image_size: int | list[int], revision: str | None = None
+) -> ViTImageProcessor:
     """The checkpoint's preprocessing (mean, std, resampling) as a `ViTImageProcessor` that resizes to `image_size`.
 
     Sources: the `preprocessor_config.json` of a transformers or vit-custom folder (transformers' ViT defaults when it
-    has none), the `pretrained_cfg` of a timm folder, ImageNet's mean and std for a bare state dict.
+    has none), the `pretrained_cfg` of a timm folder, ImageNet's mean and std for a bare state dict. `revision` as in
+    `load_vit_custom`.
     """
-    source = resolve_source(path_or_repo)
+    source = resolve_source(path_or_repo, revision)
     kind, config = identify_checkpoint(source)
     if kind == "timm":
         settings = _timm_preprocessing(config, source)
@@ -257,6 +269,7 @@ def convert(
     num_labels: int | None = None,
     labels: list[str] | None = None,
     overwrite: bool = False,
+    revision: str | None = None,
     **config_overrides,
 ) -> Path:
     """Write a ready vit-custom folder: config, safetensors, model code and image processor.
@@ -268,6 +281,7 @@ def convert(
         num_labels: classes; a new classifier when they differ from the checkpoint's.
         labels: class names, in the order of the outputs; a new classifier when they differ from the checkpoint's.
         overwrite: replace an output folder that has files.
+        revision: as in `load_vit_custom`.
         **config_overrides: as in `load_vit_custom`.
 
     Returns:
@@ -278,8 +292,8 @@ def convert(
     overrides = {**label_overrides(num_labels, labels), **config_overrides}
     if image_size is not None:
         overrides["image_size"] = image_size
-    model = load_vit_custom(source, **overrides)
-    image_processor = load_image_processor(source, model.config.image_size)
+    model = load_vit_custom(source, revision, **overrides)
+    image_processor = load_image_processor(source, model.config.image_size, revision)
     return _write_folder(output_dir, model.save_pretrained, image_processor.save_pretrained)
 
 
@@ -303,21 +317,29 @@ def export_to_hf_vit(
     return _write_folder(output_dir, *savers)
 
 
-def resolve_source(path_or_repo: str | Path) -> Path:
-    """A local path as it is; otherwise a Hub repo id, downloaded (configs and weights only) or found in the cache."""
+def resolve_source(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local path as it is; otherwise a Hub repo id at `revision`, downloaded (configs and weights only) or found in
+    the cache."""
     path = Path(path_or_repo)
     if path.exists():
+        if revision is not None:
+            raise ValueError(
+                f"revision={revision!r} picks a version of a Hub repo, but {str(path)!r} is a local path, which has "
+                "one version. Drop the revision, or pass the Hub repo id."
+            )
         return path
     repo_id = str(path_or_repo)
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        download = functools.partial(snapshot_download, repo_id, revision=revision)
+        folder = Path(download(allow_patterns=["*.json", "*.safetensors"]))
         if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.bin", "*.pth"]))
+            folder = Path(download(allow_patterns=["*.json", "*.bin", "*.pth"]))
     except (HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as error:
+        at_revision = f" at revision {revision!r}" if revision is not None else ""
         raise FileNotFoundError(
-            f"{repo_id!r} is not a local file or folder, and not a Hub repo that could be downloaded or found in the "
-            f"cache ({type(error).__name__}: {error}). Offline (HF_HUB_OFFLINE=1) a repo must already be cached: "
-            "fetch it with `hf download REPO_ID` where there is internet access, or pass a local folder."
+            f"{repo_id!r} is not a local file or folder, and not a Hub repo that could be downloaded{at_revision} or "
+            f"found in the cache ({type(error).__name__}: {error}). Offline (HF_HUB_OFFLINE=1) a repo must already "
+            "be cached: fetch it with `hf download REPO_ID` where there is internet access, or pass a local folder."
         ) from error
     return folder
 

@@ -333,6 +333,13 @@ def default_num_workers(accelerator: accelerate.Accelerator) -> int:
 # Training curves, model card and Hub
 
 
+def checkpoint_origin(args: argparse.Namespace) -> str:
+    if args.model_name_or_path is None:
+        return "trained from scratch"
+    revision = f" at revision `{args.model_revision}`" if args.model_revision else ""
+    return f"fine-tuned from `{args.model_name_or_path}`{revision}"
+
+
 def plot_training_curves(history: list[dict], path: Path):
     """Loss, accuracy and learning rate per epoch, as a PNG."""
     epochs = [record["epoch"] for record in history]
@@ -473,9 +480,7 @@ def write_model_card(
         MODEL_CARD.format(
             card_data=card_data.to_yaml(),
             model_name=model_name,
-            origin=f"fine-tuned from `{args.model_name_or_path}`"
-            if args.model_name_or_path
-            else "trained from scratch",
+            origin=checkpoint_origin(args),
             dataset_description=dataset_description,
             architecture="\n".join(f"| {key} | {value} |" for key, value in architecture.items()),
             results_table=results_table,

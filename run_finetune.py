@@ -289,6 +289,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "convert_checkpoint.py). Without it, a new model is trained from scratch.",
     )
     model.add_argument(
+        "--model_revision",
+        help="Branch, tag or commit of a Hub repo --model_name_or_path (default: main); a commit sha pins the weights.",
+    )
+    model.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         help="Size of a new model (ViT/DeiT sizes); the flags below override single values.",
@@ -695,6 +699,11 @@ def load_model(
     label_config = {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
     overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
     if args.model_name_or_path is None:
+        if args.model_revision:
+            raise FinetuneError(
+                f"--model_revision {args.model_revision} picks a version of --model_name_or_path, which is not given. "
+                "Pass the Hub repo to fine-tune, or drop --model_revision."
+            )
         base = PRESETS[args.preset] if args.preset else DIGITS_MODEL
         try:
             config = ViTCustomConfig(**{**base, **overrides, **label_config})
@@ -709,13 +718,13 @@ def load_model(
         )
     try:
         # Any checkpoint the converter reads: vit_custom, transformers ViT or timm; a folder or a Hub repo.
-        source = convert_checkpoint.resolve_source(args.model_name_or_path)
+        source = convert_checkpoint.resolve_source(args.model_name_or_path, args.model_revision)
         pretrained_config, state_dict = convert_checkpoint.read_checkpoint(source, **overrides)
         check_head(pretrained_config, labels, args)
         config, state_dict = convert_checkpoint.adapt_checkpoint(
             pretrained_config, state_dict, **overrides, **label_config
         )
-        image_processor = convert_checkpoint.load_image_processor(args.model_name_or_path, config.image_size)
+        image_processor = convert_checkpoint.load_image_processor(source, config.image_size)
     except (OSError, ValueError) as error:  # the converter names what is wrong with the checkpoint or the flags
         raise FinetuneError(f"Cannot fine-tune {args.model_name_or_path}: {error}") from error
     return convert_checkpoint.model_from_state_dict(config, state_dict), image_processor

@@ -126,6 +126,63 @@ def test_push_then_load_in_fresh_process_gives_identical_logits_and_pinned_revis
     assert "is not a valid git identifier" in loaded["missing_revision"]
 
 
+# Pushes two versions of a transformers ViT, then imports each through convert_checkpoint by revision.
+IMPORT_PINNED_REVISION = """
+import json, sys
+import torch
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+repo_id, repo_root = sys.argv[1:]
+sys.path.insert(0, repo_root)
+import convert_checkpoint
+
+config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64, num_labels=3)
+pixel_values = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+commits, pushed_logits = [], []
+for seed, mean in ((0, 0.3), (1, 0.6)):
+    torch.manual_seed(seed)
+    vit = ViTForImageClassification(config).eval()
+    vit.push_to_hub(repo_id)
+    commits.append(ViTImageProcessor(image_mean=[mean] * 3, image_std=[0.2] * 3).push_to_hub(repo_id).oid)
+    with torch.no_grad():
+        pushed_logits.append(vit(pixel_values).logits)
+
+def import_logits(revision):
+    with torch.no_grad():
+        return convert_checkpoint.load_vit_custom(repo_id, revision=revision)(pixel_values).logits
+
+def error_of(call):
+    try:
+        call()
+    except (OSError, ValueError) as error:
+        return f"{type(error).__name__}: {error}"
+
+def difference(a, b):
+    return (a - b).abs().max().item()
+
+first, latest = import_logits(commits[0]), import_logits(None)
+print(json.dumps({
+    "first vs first push": difference(first, pushed_logits[0]),
+    "first vs second push": difference(first, pushed_logits[1]),
+    "latest vs second push": difference(latest, pushed_logits[1]),
+    "first image_mean": convert_checkpoint.load_image_processor(repo_id, 16, revision=commits[0]).image_mean,
+    "missing revision": error_of(lambda: convert_checkpoint.load_vit_custom(repo_id, revision="no-such-branch")),
+    "local path with revision": error_of(lambda: convert_checkpoint.resolve_source(repo_root, revision=commits[0])),
+}))
+"""
+
+
+def test_convert_checkpoint_imports_the_pinned_revision_of_a_hub_repo(hub):
+    imported = hub.run_python(IMPORT_PINNED_REVISION, "user/vit-two-versions", REPO_ROOT, name="import")
+    assert imported["first vs first push"] < 1e-5
+    assert imported["first vs second push"] > 1e-3
+    assert imported["latest vs second push"] < 1e-5
+    assert imported["first image_mean"] == [0.3] * 3
+    assert "at revision 'no-such-branch'" in imported["missing revision"]
+    assert imported["local path with revision"].startswith("ValueError: revision=")
+
+
 HUB_ERRORS = """
 import json, os, sys
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download

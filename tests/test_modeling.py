@@ -199,6 +199,21 @@ def test_torch_compile_fullgraph_matches_eager(pixel_values):
         torch.testing.assert_close(compiled(pixel_values).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_torch_compile_fullgraph_trains_like_eager(pixel_values, pooling):
+    # fullgraph=True raises on any graph break, in the forward and the backward graph alike.
+    eager = build(pooling=pooling, drop_path_rate=0.0).train()
+    compiled_model = build(pooling=pooling, drop_path_rate=0.0).train()
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    labels = torch.arange(len(pixel_values)) % eager.config.num_labels
+    for model in (eager, compiled):
+        model(pixel_values=pixel_values, labels=labels).loss.backward()
+    for (name, param), compiled_param in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(
+            compiled_param.grad, param.grad, rtol=1e-4, atol=1e-5, msg=lambda message: f"{name}: {message}"
+        )
+
+
 def test_weights_start_as_in_the_vit_paper():
     torch.manual_seed(0)
     model = ViTCustomForImageClassification(tiny_config(hidden_size=256, num_attention_heads=4, intermediate_size=1024))

@@ -80,6 +80,16 @@ def architecture_flags_on_a_checkpoint(tmp_path):
     return arguments, ["fixed by the pretrained weights", "hidden_size=64 (the checkpoint has 32)", "Drop them"]
 
 
+def a_revision_without_a_checkpoint(tmp_path):
+    return ["--model_revision", "v1.0"], ["--model_revision v1.0", "--model_name_or_path, which is not given"]
+
+
+def a_revision_of_a_local_checkpoint(tmp_path):
+    save_tiny_checkpoint(tmp_path / "pretrained", labels=["cat", "dog"])
+    arguments = ["--model_name_or_path", str(tmp_path / "pretrained"), "--model_revision", "v1.0", *folders(tmp_path)]
+    return arguments, ["revision='v1.0' picks a version of a Hub repo", "is a local path", "Drop the revision"]
+
+
 def hub_dataset_while_offline(tmp_path):
     return ["--dataset_name", "uoft-cs/cifar10"], ["'uoft-cs/cifar10'", "HF_HUB_OFFLINE=1", "--train_dir"]
 
@@ -99,6 +109,8 @@ def hub_unreachable_for_push_to_hub(tmp_path):
         a_file_that_is_not_an_image,
         labels_that_do_not_match_the_head,
         architecture_flags_on_a_checkpoint,
+        a_revision_without_a_checkpoint,
+        a_revision_of_a_local_checkpoint,
         hub_dataset_while_offline,
         hub_unreachable_for_push_to_hub,
     ],
