@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.to_hf_vit:
-            model = load_vit_custom(args.source, revision=args.revision)
-            image_processor = load_image_processor(args.source, model.config.image_size, revision=args.revision)
+            source = resolve_source(args.source, args.revision)  # once: a branch could move between two downloads
+            model = load_vit_custom(source)
+            image_processor = load_image_processor(source, model.config.image_size)
             output_dir = export_to_hf_vit(model, args.output_dir, image_processor, overwrite=args.overwrite)
         else:
             image_size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
@@ -292,8 +293,9 @@ def convert(
     overrides = {**label_overrides(num_labels, labels), **config_overrides}
     if image_size is not None:
         overrides["image_size"] = image_size
-    model = load_vit_custom(source, revision, **overrides)
-    image_processor = load_image_processor(source, model.config.image_size, revision)
+    source = resolve_source(source, revision)  # once: a branch could move between two downloads
+    model = load_vit_custom(source, **overrides)
+    image_processor = load_image_processor(source, model.config.image_size)
     return _write_folder(output_dir, model.save_pretrained, image_processor.save_pretrained)
 
 
@@ -336,10 +338,11 @@ def resolve_source(path_or_repo: str | Path, revision: str | None = None) -> Pat
             folder = Path(download(allow_patterns=["*.json", "*.bin", "*.pth"]))
     except (HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as error:
         at_revision = f" at revision {revision!r}" if revision is not None else ""
+        download_command = f"hf download {repo_id}" + (f" --revision {revision}" if revision is not None else "")
         raise FileNotFoundError(
             f"{repo_id!r} is not a local file or folder, and not a Hub repo that could be downloaded{at_revision} or "
             f"found in the cache ({type(error).__name__}: {error}). Offline (HF_HUB_OFFLINE=1) a repo must already "
-            "be cached: fetch it with `hf download REPO_ID` where there is internet access, or pass a local folder."
+            f"be cached: fetch it with `{download_command}` where there is internet access, or pass a local folder."
         ) from error
     return folder
 

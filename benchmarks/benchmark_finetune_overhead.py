@@ -53,12 +53,13 @@ def main():
         step_args = argparse.Namespace(
             device="cuda" if torch.cuda.is_available() and not run_args.cpu else "cpu",
             dtype="bfloat16" if run_args.mixed_precision == "bf16" else "float32",
+            clock="wall",
         )
         bare = {
             "bare step": bare_step(config, batch, step_args),
             "bare step as run_finetune": bare_step_as_run_finetune(config, batch, run_args, step_args),
         }
-        timer = EpochTimer(bare, batch)
+        timer = EpochTimer(bare, batch, clock_of(step_args))
         run_finetune.train_one_epoch = timer.wrap(run_finetune.train_one_epoch)
         results = run_finetune.main(run_argv)
 
@@ -73,7 +74,8 @@ def main():
         ratios = [run / bare for run, bare in zip(timer.epoch_rates, rates, strict=True)]
         print(f"| {name} | {statistics.median(rates):.0f} | {statistics.median(ratios):.2f} "
               f"({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
-    ratio = statistics.median(run / bare for run, bare in zip(timer.epoch_rates, timer.bare_rates["bare step"]))
+    bare_rates = timer.bare_rates["bare step"]
+    ratio = statistics.median(run / bare for run, bare in zip(timer.epoch_rates, bare_rates, strict=True))
     print(f"\nrun_finetune reaches {ratio:.0%} of the bare step's img/s: target >= {TARGET:.0%} "
           f"{'holds' if ratio >= TARGET else 'does NOT hold'}")  # fmt: skip
 
@@ -87,8 +89,8 @@ def parse_args() -> argparse.Namespace:
 class EpochTimer:
     """Wraps run_finetune.train_one_epoch: times each epoch, then each bare step for about a second."""
 
-    def __init__(self, bare_steps: dict, batch: int):
-        self.bare_steps, self.batch = bare_steps, batch
+    def __init__(self, bare_steps: dict, batch: int, clock):
+        self.bare_steps, self.batch, self.clock = bare_steps, batch, clock
         self.epoch_rates = []
         self.bare_rates = {name: [] for name in bare_steps}
         for step in bare_steps.values():
@@ -105,7 +107,7 @@ class EpochTimer:
             self.epoch_rates.append(len(dataloader.dataset) / (time.perf_counter() - start))
             with torch.random.fork_rng(devices=[]):  # the run's own random numbers stay as they would be
                 for name, step in self.bare_steps.items():
-                    self.bare_rates[name].append(rate(step, self.batch))
+                    self.bare_rates[name].append(rate(step, self.batch, self.clock))
             return loss
 
         return timed
@@ -148,9 +150,8 @@ def bare_step_as_run_finetune(
     return step
 
 
-def rate(step, batch: int, seconds: float = 1.0) -> float:
-    """img/s of `step` over about `seconds`, on the wall clock like the run's epochs (which end with a GPU sync)."""
-    clock = clock_of(argparse.Namespace(device="cuda" if torch.cuda.is_available() else "cpu", clock="wall"))
+def rate(step, batch: int, clock, seconds: float = 1.0) -> float:
+    """img/s of `step` over about `seconds` of `clock` (wall time, after a GPU sync, like the run's epochs)."""
     start = clock()
     step()
     repeats = max(1, round(seconds / (clock() - start)))

@@ -200,10 +200,10 @@ def test_torch_compile_fullgraph_matches_eager(pixel_values):
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_torch_compile_fullgraph_trains_like_eager(pixel_values, pooling):
-    # fullgraph=True raises on any graph break, in the forward and the backward graph alike.
-    eager = build(pooling=pooling, drop_path_rate=0.0).train()
-    compiled_model = build(pooling=pooling, drop_path_rate=0.0).train()
+def test_torch_compile_fullgraph_gives_eager_gradients(pixel_values, pooling):
+    # fullgraph=True raises on any graph break; the backward pass runs the graph AOTAutograd compiled for it.
+    eager = build(pooling=pooling).train()
+    compiled_model = build(pooling=pooling).train()
     compiled = torch.compile(compiled_model, fullgraph=True)
     labels = torch.arange(len(pixel_values)) % eager.config.num_labels
     for model in (eager, compiled):
