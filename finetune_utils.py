@@ -11,9 +11,9 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from accelerate.utils import get_int_from_env
 from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-from accelerate.utils import get_int_from_env
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
