@@ -47,6 +47,7 @@ def main():
     with tempfile.TemporaryDirectory() as output_dir:
         run_argv = ["--output_dir", output_dir, *args.run_finetune_args]
         run_args = run_finetune.parse_args(run_argv)
+        # The model the run trains, with the digits' 10 classes (the head's size hardly changes a step's time).
         config = run_finetune.load_model(run_args, labels=[str(digit) for digit in range(10)])[0].config
         batch = run_args.per_device_train_batch_size
         # Where and in which precision run_finetune trains: a GPU when there is one, bf16 with --mixed_precision bf16.
@@ -64,8 +65,9 @@ def main():
         results = run_finetune.main(run_argv)
 
     epochs = len(timer.epoch_rates)
-    print(f"\n# {step_args.device}, {step_args.dtype}, {torch.get_num_threads()} threads, batch {batch}, image size {config.image_size}, "
-          f"{config.num_hidden_layers} blocks of width {config.hidden_size}, pooling {config.pooling}")  # fmt: skip
+    print(f"\n# {step_args.device}, {step_args.dtype}, {torch.get_num_threads()} threads, batch {batch}, "
+          f"image size {config.image_size}, {config.num_hidden_layers} blocks of width {config.hidden_size}, "
+          f"pooling {config.pooling}")  # fmt: skip
     print(f"run_finetune: {epochs} epochs, test accuracy {results.get('test_accuracy', float('nan')):.4f}")
     print("| | median img/s | run_finetune / this, median of per-epoch ratios (range) |")
     print("|---|---|---|")
