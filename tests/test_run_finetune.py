@@ -3,10 +3,12 @@
 import json
 import os
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from datasets import Dataset
 from finetune_helpers import (
     TINY_MODEL,
     fresh_accelerate_state,
@@ -18,6 +20,7 @@ from finetune_helpers import (
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -242,6 +245,32 @@ def test_worker_processes_load_the_images_the_training_process_would_load_every_
     workers = load_file(tmp_path / "workers" / "model.safetensors")
     for name, tensor in in_process.items():
         assert torch.equal(workers[name], tensor), name
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])  # forkserver: Linux's default from Python 3.14
+def test_persistent_workers_augment_each_epoch_as_the_training_process_would(start_method):
+    args = run_finetune.parse_args([])
+    _, image_processor = run_finetune.load_model(args, labels=["a", "b"])
+    train_transform, _ = finetune_utils.build_transforms(image_processor, 3, args)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(6)]
+    dataset = finetune_utils.number_samples(Dataset.from_dict({"image": images, "label": [0, 1] * 3}))
+    dataset = dataset.cast_column("image", datasets.Image()).with_transform(train_transform)
+    loader = DataLoader(
+        dataset, batch_size=3, collate_fn=finetune_utils.collate_fn, num_workers=1, persistent_workers=True,
+        worker_init_fn=finetune_utils.share_batches_as_files, multiprocessing_context=start_method,
+    )  # fmt: skip
+
+    epochs = []
+    for epoch in (0, 1):
+        train_transform.epoch = epoch
+        from_workers = torch.cat([batch["pixel_values"] for batch in loader])
+        in_process = torch.cat([batch["pixel_values"] for batch in DataLoader(
+            dataset, batch_size=3, collate_fn=finetune_utils.collate_fn
+        )])  # fmt: skip
+        assert torch.equal(from_workers, in_process)
+        epochs.append(from_workers)
+    assert not torch.equal(epochs[0], epochs[1])
 
 
 def test_default_worker_count_uses_the_cores_training_leaves_free(monkeypatch):
