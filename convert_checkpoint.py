@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.to_hf_vit:
-            source = resolve_source(args.source, args.revision)  # once: a branch could move between two downloads
-            model = load_vit_custom(source)
-            image_processor = load_image_processor(source, model.config.image_size)
+            model, image_processor = load_with_image_processor(args.source, args.revision)
             output_dir = export_to_hf_vit(model, args.output_dir, image_processor, overwrite=args.overwrite)
         else:
             image_size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
@@ -263,6 +261,15 @@ def load_image_processor(
     return ViTImageProcessor(**settings, size={"height": height, "width": width})
 
 
+def load_with_image_processor(
+    path_or_repo: str | Path, revision: str | None = None, **config_overrides
+) -> tuple[ViTCustomForImageClassification, ViTImageProcessor]:
+    """`load_vit_custom` and `load_image_processor` at the model's resolution, both from one download."""
+    source = resolve_source(path_or_repo, revision)  # once: a branch could move between two downloads
+    model = load_vit_custom(source, **config_overrides)
+    return model, load_image_processor(source, model.config.image_size)
+
+
 def convert(
     source: str | Path,
     output_dir: str | Path,
@@ -293,9 +300,7 @@ def convert(
     overrides = {**label_overrides(num_labels, labels), **config_overrides}
     if image_size is not None:
         overrides["image_size"] = image_size
-    source = resolve_source(source, revision)  # once: a branch could move between two downloads
-    model = load_vit_custom(source, **overrides)
-    image_processor = load_image_processor(source, model.config.image_size)
+    model, image_processor = load_with_image_processor(source, revision, **overrides)
     return _write_folder(output_dir, model.save_pretrained, image_processor.save_pretrained)
 
 
