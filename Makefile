@@ -3,8 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The torch build to install; any release in requirements.txt's range works. These two are on this project's
-# machines' local disk, so nothing large is downloaded there.
+# The torch build to install; any release in requirements.txt's range works. pip takes it from a local wheel index
+# where the machine has one, else downloads it (about 2 minutes on this project's machines, install included).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 

@@ -32,6 +32,18 @@ def tiny_config(**overrides) -> ViTCustomConfig:
     return ViTCustomConfig(**values)
 
 
+# fp32 outputs of the same weights, computed in another process or from weights at another memory address, may differ
+# in the last bits: CPU matmul kernels choose their summation order by alignment and CPU model (a model reloaded from
+# a memory-mapped safetensors file sees unaligned weights). For the tiny models' logits, of order 0.1-1, such
+# differences are below 1e-7; a wrong weight moves them by orders of magnitude more.
+FP32_ROUNDING = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def assert_same_outputs(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None):
+    """Outputs of the same weights computed apart (another process, a reload): equal within fp32 rounding."""
+    torch.testing.assert_close(actual, expected, **FP32_ROUNDING, msg=msg)
+
+
 @pytest.fixture
 def pixel_values() -> torch.Tensor:
     return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))

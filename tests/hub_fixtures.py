@@ -70,7 +70,7 @@ class Hub:
             HF_HUB_DISABLE_UPDATE_CHECK="1",
             HF_HUB_DISABLE_PROGRESS_BARS="1",
             NO_PROXY="127.0.0.1,localhost",
-            OMP_NUM_THREADS="1",  # the same arithmetic in every process: logits compare bit for bit
+            OMP_NUM_THREADS="1",  # one thread per process, as the tests themselves use at most 2 cores
         )
         return env
 

@@ -58,5 +58,8 @@ def test_two_processes_train_on_disjoint_halves_and_evaluate_every_sample_once(t
         with torch.no_grad():
             logits = model(pixel_values=batch["pixel_values"]).logits
         labels = torch.tensor(batch["labels"])
-        assert results[f"{prefix}_accuracy"] == np.mean((logits.argmax(-1) == labels).numpy())
+        # Computed in another process, the logits may differ in the last bits: a near-tie may flip its prediction.
+        near_ties = (logits.topk(2).values.diff(dim=-1).abs() < 1e-5).sum().item()
+        accuracy = np.mean((logits.argmax(-1) == labels).numpy())
+        assert abs(results[f"{prefix}_accuracy"] - accuracy) <= near_ties / len(labels)
         assert abs(results[f"{prefix}_loss"] - torch.nn.functional.cross_entropy(logits, labels).item()) < 1e-5

@@ -46,13 +46,14 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     reference_weights = load_file(tmp_path / "reference" / "model.safetensors")
     resumed_weights = load_file(killed_dir / "model.safetensors")
     assert reference_weights.keys() == resumed_weights.keys()
-    for name, tensor in reference_weights.items():
+    for name, tensor in reference_weights.items():  # the promise: the same weights, bit for bit
         assert torch.equal(resumed_weights[name], tensor), name
     reference_results = json.loads((tmp_path / "reference" / "all_results.json").read_text())
     resumed_results = json.loads((killed_dir / "all_results.json").read_text())
     for timing in ("train_runtime", "train_loop_samples_per_second"):
         reference_results.pop(timing), resumed_results.pop(timing)
-    assert resumed_results == reference_results
+    # Metrics come from the same weights evaluated in two processes: equal within fp32 rounding.
+    assert resumed_results == pytest.approx(reference_results, rel=1e-6, abs=1e-9)
     assert [p.name for p in run_finetune.list_checkpoints(killed_dir)] == [f"checkpoint-{s}" for s in range(4, 37, 4)]
 
 
