@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import accelerate
@@ -13,14 +14,14 @@ import torch
 import transformers
 from accelerate.utils import get_int_from_env
 from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from transformers import ViTImageProcessor
 
+import image_data
 from configuration_vit_custom import ViTCustomConfig
 from convert_checkpoint import shorten
 
@@ -34,7 +35,7 @@ DIGITS_TEST_FRACTION = 0.2
 LOCAL_PROCESS_COUNT_VARIABLES = ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"]
 
 # A column that numbers the training samples, so that each one's augmentation depends only on (seed, epoch, sample).
-SAMPLE_INDEX = "sample_index"
+SAMPLE_INDEX = image_data.SAMPLE_INDEX
 
 # The output folder goes to the Hub without its checkpoints and unfinished checkpoint saves (`*` matches across `/`).
 NOT_UPLOADED = ["checkpoint-*", "tmp/*"]
@@ -104,46 +105,67 @@ def load_hub_dataset(name: str, config_name: str | None) -> DatasetDict:
 
 
 def load_image_folders(**folders: Path | None) -> DatasetDict:
-    """Read `<folder>/<label>/<image>` folders with `datasets`' imagefolder, after checking they hold images."""
-    image_extensions = set(ImageFolder.EXTENSIONS)
-    data_files = {}
+    """Read `<folder>/<class>/.../<image>` folders: the classes are the training folder's sub-folders.
+
+    One pass over the files, O(n), opening none of them: images are decoded (and bad ones met) during training, or
+    all at once by `--verify_images` or the in-memory path. A folder with a metadata file (`metadata.csv`, ...),
+    which carries labels or other columns, is read by `datasets`' imagefolder instead.
+    """
+    listings = {}
     for split, folder in folders.items():
         if folder is None:
             continue
         flag = f"--{split}_dir {folder}"
         if not folder.is_dir():
             raise FinetuneError(f"{flag} is not a folder. Pass a folder with one sub-folder of images per class.")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        images = [p for p in files if p.suffix.lower() in image_extensions]
-        others = [p.relative_to(folder).as_posix() for p in files if p not in images]
-        if not images:
-            found = f"only {len(others)} other file(s): {shorten(others, limit=3)}" if others else "it is empty"
+        if any((folder / name).is_file() for name in image_data.METADATA_FILES):
+            return load_dataset("imagefolder", data_dir=None, data_files=metadata_data_files(folders))
+        paths, classes, others, empty = image_data.list_image_folder(folder)
+        loose = [name for name in others if "/" not in name and Path(name).suffix.lower() in image_data.IMAGE_EXTENSIONS]
+        if not paths:
+            found = f"only {len(others)} other file(s): {shorten(others, limit=3)}" if others else "no class sub-folder"
             raise FinetuneError(
-                f"{flag} holds no images ({found}). Put the images in one sub-folder per class "
+                f"{flag} holds no images in class sub-folders ({found}). Put the images in one sub-folder per class "
                 f"({folder}/<label>/<image>.png), in a format Pillow reads (.png, .jpg, ...)."
             )
-        unreadable = [p for p in images if not is_readable_image(p)]
-        if unreadable:
-            names = shorten([p.relative_to(folder).as_posix() for p in unreadable], limit=3)
+        if loose:
             raise FinetuneError(
-                f"{flag} holds {len(unreadable)} file(s) with an image extension that are not images Pillow can "
-                f"read ({names}). Remove or replace them."
+                f"{flag} holds {len(loose)} image(s) outside any class sub-folder ({shorten(loose, limit=3)}); their "
+                f"class is unknown. Move them into {folder}/<label>/, or delete them."
             )
-        # imagefolder also reads labels or other columns from metadata files
-        ignored = [name for name in others if Path(name).name not in ImageFolder.METADATA_FILENAMES]
-        if ignored:
-            logger.warning(f"{flag}: ignoring {len(ignored)} file(s) that are not images: {shorten(ignored)}")
-        data_files[split] = [str(p) for p in images] + [str(folder / name) for name in others if name not in ignored]
-    return load_dataset("imagefolder", data_files=data_files)
+        if empty and split == "train":
+            raise FinetuneError(
+                f"{flag}: the class folder(s) {shorten(empty)} hold no images, so the model would have classes it "
+                "never sees. Add images to them, or remove the empty folders."
+            )
+        if others:
+            logger.warning(f"{flag}: ignoring {len(others)} file(s) that are not images: {shorten(others)}")
+        listings[split] = (paths, classes)
+    names = sorted(set(listings["train"][1]))
+    for split, (_, classes) in listings.items():
+        unknown = sorted(set(classes) - set(names))
+        if unknown:
+            raise FinetuneError(
+                f"--{split}_dir {folders[split]} has class folder(s) {shorten(unknown)} that --train_dir lacks: the "
+                "model could never predict them. Add training images for them, or remove them from that folder."
+            )
+    features = Features({"image": datasets.Image(), "label": ClassLabel(names=names)})
+    index = {name: i for i, name in enumerate(names)}
+    return DatasetDict(
+        {
+            split: Dataset.from_dict({"image": paths, "label": [index[c] for c in classes]}, features=features)
+            for split, (paths, classes) in listings.items()
+        }
+    )
 
 
-def is_readable_image(path: Path) -> bool:
-    """Whether Pillow recognises the file; it reads only the header, so this is fast."""
-    try:
-        with Image.open(path):
-            return True
-    except (UnidentifiedImageError, OSError):
-        return False
+def metadata_data_files(folders: dict[str, Path | None]) -> dict[str, list[str]]:
+    """Every file of each folder, for imagefolder, which pairs the images with the metadata files' rows."""
+    return {
+        split: [str(path) for path in sorted(folder.rglob("*")) if path.is_file() and not path.name.startswith(".")]
+        for split, folder in folders.items()
+        if folder is not None
+    }
 
 
 def check_columns(dataset: DatasetDict, image_column: str, label_column: str):
@@ -214,22 +236,55 @@ def number_samples(split: Dataset) -> Dataset:
     return split.add_column(SAMPLE_INDEX, np.arange(len(split)))
 
 
+# The label of a sample whose image could not be decoded, with --on_bad_image skip: the loss and the metrics ignore
+# it, as transformers' losses ignore -100.
+SKIPPED_LABEL = -100
+
+
 class EvalTransform:
     """Turns a batch of examples into `pixel_values` of the model's size, channels and normalisation, and `labels`.
 
-    `prepare` crops or resizes one PIL image and makes it a uint8 tensor; `normalize` scales and normalises the
-    stacked batch at once, which is several times faster than doing it image by image.
+    The images arrive undecoded (`datasets.Image(decode=False)`), so that a bad file is named: it stops the run, or,
+    with `skip_bad_images`, becomes a blank image with the label `SKIPPED_LABEL`. `prepare` crops or resizes one PIL
+    image and makes it a uint8 tensor; `normalize` scales and normalises the stacked batch at once, which is several
+    times faster than doing it image by image.
     """
 
     def __init__(
-        self, prepare: T.Transform, normalize: T.Transform, image_mode: str, image_column: str, label_column: str
+        self,
+        prepare: T.Transform,
+        normalize: T.Transform,
+        image_mode: str,
+        image_column: str,
+        label_column: str,
+        skip_bad_images: bool = False,
     ):
         self.prepare, self.normalize, self.image_mode = prepare, normalize, image_mode
         self.image_column, self.label_column = image_column, label_column
+        self.skip_bad_images = skip_bad_images
 
     def __call__(self, batch: dict) -> dict:
-        images = [self.prepare(image.convert(self.image_mode)) for image in batch[self.image_column]]
-        return {"pixel_values": self.normalize(torch.stack(images)), "labels": batch[self.label_column]}
+        images, labels = self.prepare_images(batch, [None] * len(batch[self.label_column]))
+        return {"pixel_values": self.normalize(torch.stack(images)), "labels": labels}
+
+    def prepare_images(self, batch: dict, seeds: list[int | None]) -> tuple[list[torch.Tensor], list[int]]:
+        """Decode, convert and prepare each image, seeding the random generator with its seed first (if any)."""
+        images, labels = [], list(batch[self.label_column])
+        for position, (value, seed) in enumerate(zip(batch[self.image_column], seeds, strict=True)):
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)
+            try:
+                images.append(self.prepare(image_data.to_mode(image_data.open_image(value), self.image_mode)))
+            except image_data.BadImageError as error:
+                if not self.skip_bad_images:
+                    raise image_data.BadImageError(f"{error}. Remove or replace the file, or pass "
+                                                   "--on_bad_image skip to train without it.") from None
+                images.append(None)
+                labels[position] = SKIPPED_LABEL
+        blank = next((image for image in images if image is not None), None)
+        if blank is None:
+            blank = self.prepare(Image.new(self.image_mode, (8, 8)))
+        return [torch.zeros_like(blank) if image is None else image for image in images], labels
 
 
 class TrainTransform(EvalTransform):
@@ -255,17 +310,11 @@ class TrainTransform(EvalTransform):
         self._epoch.fill_(epoch)
 
     def __call__(self, batch: dict) -> dict:
-        images = []
         epoch = self.epoch
+        seeds = [hash((self.seed, epoch, index)) % 2**63 for index in batch[SAMPLE_INDEX]]
         with torch.random.fork_rng(devices=[]):  # leaves the global generator, which dropout draws from, untouched
-            for image, index in zip(batch[self.image_column], batch[SAMPLE_INDEX], strict=True):
-                torch.default_generator.manual_seed(hash((self.seed, epoch, index)) % 2**63)
-                images.append(self.prepare(image.convert(self.image_mode)))
-        return {
-            "pixel_values": self.normalize(torch.stack(images)),
-            "labels": batch[self.label_column],
-            SAMPLE_INDEX: batch[SAMPLE_INDEX],
-        }
+            images, labels = self.prepare_images(batch, seeds)
+        return {"pixel_values": self.normalize(torch.stack(images)), "labels": labels, SAMPLE_INDEX: batch[SAMPLE_INDEX]}
 
 
 def build_transforms(
@@ -293,16 +342,93 @@ def build_transforms(
     )
     image_mode = "RGB" if num_channels == 3 else "L"
     columns = (image_mode, args.image_column_name, args.label_column_name)
-    return TrainTransform(augment, normalize, *columns, seed=args.seed), EvalTransform(
-        resize_and_crop, normalize, *columns
-    )
+    skip = args.on_bad_image == "skip"
+    train = TrainTransform(augment, normalize, *columns, seed=args.seed, skip_bad_images=skip)
+    evaluation = EvalTransform(resize_and_crop, normalize, *columns, skip_bad_images=skip)
+    # What the in-memory path (image_data.BatchAugment) needs to augment the same way, a batch at a time.
+    train.output_size, train.crop_scale, train.flip = crop, tuple(args.crop_scale), args.horizontal_flip
+    train.image_mean, train.image_std = list(image_processor.image_mean), list(image_processor.image_std)
+    return train, evaluation
+
+
+def lazy_split(split: Dataset, transform: EvalTransform) -> Dataset:
+    """`split` with its images left undecoded until `transform` reads them, in the loader (workers)."""
+    undecoded = datasets.Image(decode=False)
+    return split.cast_column(transform.image_column, undecoded).with_transform(transform)
 
 
 def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
+    """Stack the transformed examples of a batch (the images, decoded and augmented, arrive as tensors)."""
+    batch = {
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([example["labels"] for example in examples]),
     }
+    if SAMPLE_INDEX in examples[0]:  # training batches: which samples they hold, for observers of the run
+        batch[SAMPLE_INDEX] = torch.tensor([example[SAMPLE_INDEX] for example in examples])
+    return batch
+
+
+def in_memory_plan(
+    setting: str, dataset: DatasetDict, train_transform: TrainTransform, budget_bytes: int
+) -> tuple[bool, str]:
+    """Whether to decode the images once into memory (`--images_in_memory`), and why, for the log.
+
+    `auto` says yes when the training images sampled share one size, at most twice the model's input on each side
+    (a bilinear crop of a larger image would alias), and all splits fit in `budget_bytes` as uint8.
+    """
+    if setting != "auto":
+        return setting == "on", f"--images_in_memory {setting}"
+    shapes = image_data.image_shapes(dataset["train"], train_transform.image_column)
+    if len(shapes) != 1:
+        return False, f"the training images have several sizes ({shorten(sorted(shapes))})"
+    (height, width), (out_height, out_width) = next(iter(shapes)), train_transform.output_size
+    if height > 2 * out_height or width > 2 * out_width:
+        return False, f"the training images ({height}x{width}) are over twice the model's input size"
+    channels = 3 if train_transform.image_mode == "RGB" else 1
+    evaluated = sum(len(split) for name, split in dataset.items() if name != "train")
+    needed = channels * (len(dataset["train"]) * height * width + evaluated * out_height * out_width)
+    if needed > budget_bytes:
+        return False, f"they need {needed / 2**30:.1f} GiB, over the budget of {budget_bytes / 2**30:.1f} GiB"
+    return True, f"{needed / 2**20:.0f} MiB of {height}x{width} images"
+
+
+def load_in_memory(
+    dataset: DatasetDict, train_transform: TrainTransform, eval_transform: EvalTransform, processes: int
+) -> tuple[dict[str, image_data.InMemoryImages], list[str]]:
+    """Decode every split once into uint8 tensors: training images at their own size (augmented per batch later),
+    evaluation images resized and cropped as `eval_transform` does. Returns the splits and the bad files met; bad
+    files raise unless the transforms skip them."""
+    splits, bad = {}, []
+    for name, split in dataset.items():
+        if name == "train":
+            size = next(iter(image_data.image_shapes(split, train_transform.image_column)))
+            prepare = None
+        else:
+            size, prepare = train_transform.output_size, eval_transform.prepare
+        images, kept, split_bad, modes = image_data.decode_all(
+            split, train_transform.image_column, train_transform.image_mode, size, prepare, processes
+        )
+        if split_bad and not train_transform.skip_bad_images:
+            raise FinetuneError(
+                f"{len(split_bad)} {name} image(s) cannot be decoded: {shorten(split_bad, limit=3)}. Remove or "
+                "replace them, or pass --on_bad_image skip to train without them."
+            )
+        converted = {mode: count for mode, count in modes.items() if mode != train_transform.image_mode}
+        if converted:
+            counts = ", ".join(f"{count} {mode}" for mode, count in sorted(converted.items()))
+            logger.info(f"{name}: converted {counts} image(s) to {train_transform.image_mode}")
+        labels = torch.tensor(split[train_transform.label_column])[kept] if kept else torch.empty(0, dtype=torch.long)
+        splits[name] = image_data.InMemoryImages(images, labels)
+        bad.extend(split_bad)
+    return splits, bad
+
+
+def memory_budget() -> int:
+    """A quarter of the memory available now: what the in-memory path may take."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2**30
 
 
 def make_dataloader(
@@ -313,12 +439,14 @@ def make_dataloader(
     device: torch.device,
     shuffle: bool = False,
     persistent_workers: bool = True,
+    collate: Callable[[list[dict]], dict] = collate_fn,
 ) -> DataLoader:
+    """A loader of `dataset` in batches; `collate` turns the fetched examples into the batch the loop trains on."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        collate_fn=collate_fn,
+        collate_fn=collate,
         num_workers=num_workers,
         # Workers started once, not every epoch: starting them costs more than an epoch of the digits.
         persistent_workers=persistent_workers and num_workers > 0,
@@ -338,16 +466,25 @@ def share_batches_as_files(worker_id: int):
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 
-def default_num_workers(accelerator: accelerate.Accelerator) -> int:
-    """Loader workers for the CPU cores a training process leaves free: its torch threads on the CPU, one on a GPU.
-
-    At most 4 (enough to keep a GPU fed with small images); 0, loading in the training process, where no core is free.
-    """
+def cores_per_process(accelerator: accelerate.Accelerator) -> int:
+    """The CPU cores of this machine (as the process may use them) divided among its training processes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # Without a launcher's count, as if every process ran on this machine.
     local_processes = get_int_from_env(LOCAL_PROCESS_COUNT_VARIABLES, accelerator.num_processes)
-    busy = torch.get_num_threads() if accelerator.device.type == "cpu" else 1
-    return max(0, min(4, cores // local_processes - busy))
+    return max(1, cores // local_processes)
+
+
+def default_num_workers(accelerator: accelerate.Accelerator) -> int:
+    """Loader workers per training process, for images decoded and augmented as the loop asks for them.
+
+    Beside a GPU, every core but the one that launches the kernels, at most 4 (enough to keep a GPU fed with small
+    images). On the CPU, the training threads take every core and one worker per 4 cores (at least one) decodes
+    beside them: it needs a fraction of a core for small images, and sleeps while its queue is full.
+    """
+    cores = cores_per_process(accelerator)
+    if accelerator.device.type != "cpu":
+        return max(0, min(4, cores - 1))
+    return min(4, max(1, cores // 4)) if cores > 1 else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

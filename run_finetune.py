@@ -15,6 +15,10 @@ Every problem with the inputs is reported before anything is written, and a fold
 is never overwritten unless `--overwrite_output_dir` is given.
 """
 
+import time
+
+PROCESS_START = time.perf_counter()  # before the imports, which take seconds: the start-up a user waits for
+
 import argparse
 import contextlib
 import json
@@ -24,7 +28,7 @@ import os
 import re
 import shutil
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,17 +47,26 @@ import convert_checkpoint
 from convert_checkpoint import shorten
 from configuration_vit_custom import PRESETS, ViTCustomConfig
 from finetune_utils import (
+    SAMPLE_INDEX,
+    SKIPPED_LABEL,
     FinetuneError,
     build_transforms,
+    collate_fn,
+    cores_per_process,
     create_hub_repo,
     default_num_workers,
+    in_memory_plan,
+    lazy_split,
     load_image_dataset,
+    load_in_memory,
     make_dataloader,
+    memory_budget,
     number_samples,
     plot_training_curves,
     push_to_hub,
     write_model_card,
 )
+from image_data import BadImageError, BatchAugment, BatchNormalize, find_bad_images
 from modeling_vit_custom import ViTCustomForImageClassification
 
 logger = logging.getLogger(__name__)
@@ -76,6 +89,9 @@ RUN_OUTPUTS = (
     "tmp",
 )
 TRACKER_PROJECT = "vit-custom"
+# Multiply-adds of one MLP layer on a batch (batch x tokens x width x MLP width) below which a second thread costs more
+# than it saves on the CPU (benchmarks/benchmark_fashion_mnist.py measures both sides of it).
+MIN_WORK_PER_THREAD = 2**25
 
 # The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
 # are upscaled to 16 px and cut into 4x4 patches (16 tokens, each covering 2x2 original pixels).
@@ -107,8 +123,14 @@ CONFIG_FLAGS = (
 )
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Train, evaluate and save a model as `argv` (default: the command line) describes; returns the final metrics."""
+def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | None = None) -> dict[str, float]:
+    """Train, evaluate and save a model as `argv` (default: the command line) describes; returns the final metrics.
+
+    `on_event(name, values)`, if given, is called after every optimizer step (`"step"`: the step, the seconds since
+    the process started, and the training samples of each batch of the step, as indices in the training split) and
+    after every epoch's evaluation (`"epoch"`: the epoch's record, with the seconds it
+    trained and the images it trained on): a seam for benchmarks and tests to observe the run.
+    """
     args = parse_args(argv)
     accelerator = create_accelerator(args)
     set_seed(args.seed)
@@ -123,22 +145,47 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, image_processor = load_model(args, labels)
     hub_repo_id = create_hub_repo(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
 
-    # 2. Data: decode, augment and normalise images lazily, as the loaders ask for them.
+    # 2. Data: a small dataset is decoded once into memory and augmented a batch at a time in this process; a large
+    # one is decoded and augmented image by image in loader worker processes, as the loop asks for batches.
     train_transform, eval_transform = build_transforms(image_processor, model.config.num_channels, args)
-    train_dataset = number_samples(dataset["train"]).with_transform(train_transform)
-    eval_dataset = dataset["validation"].with_transform(eval_transform)
-    test_dataset = dataset["test"].with_transform(eval_transform) if "test" in dataset else None
-    num_workers = args.dataloader_num_workers
-    if num_workers == "auto":
-        num_workers = default_num_workers(accelerator)
+    cores = cores_per_process(accelerator)
+    if args.verify_images:
+        check_images(dataset, args.image_column_name, cores)
+    in_memory, reason = in_memory_plan(args.images_in_memory, dataset, train_transform, memory_budget())
+    logger.info(f"Images {'decoded once into memory' if in_memory else 'decoded as the loaders need them'}: {reason}")
+    set_threads(args.num_threads, accelerator, cores, model.config, args.per_device_train_batch_size)
+    if in_memory:
+        splits, bad_images = load_in_memory(dataset, train_transform, eval_transform, processes=cores)
+        train_dataset, eval_dataset, test_dataset = splits["train"], splits["validation"], splits.get("test")
+        mean, std = train_transform.image_mean, train_transform.image_std
+        train_transform = BatchAugment(
+            train_transform.output_size, train_transform.crop_scale, train_transform.flip, mean, std,
+            len(train_dataset), args.seed,
+        )  # fmt: skip
+        collates, num_workers = (train_transform, BatchNormalize(mean, std)), 0
+        if bad_images:
+            logger.warning(f"Skipping {len(bad_images)} image(s) that cannot be decoded: {shorten(bad_images)}")
+    else:
+        bad_images = []
+        train_dataset = lazy_split(number_samples(dataset["train"]), train_transform)
+        eval_dataset = lazy_split(dataset["validation"], eval_transform)
+        test_dataset = lazy_split(dataset["test"], eval_transform) if "test" in dataset else None
+        collates = (collate_fn, collate_fn)
+        num_workers = args.dataloader_num_workers
+        if num_workers == "auto":
+            num_workers = default_num_workers(accelerator)
+    logger.info(f"{num_workers} data loader worker process(es) and {torch.get_num_threads()} thread(s) per process")
     loader_options = {"num_workers": num_workers, "seed": args.seed, "device": accelerator.device}
-    train_dataloader = make_dataloader(train_dataset, args.per_device_train_batch_size, **loader_options, shuffle=True)
-    eval_dataloader = make_dataloader(eval_dataset, args.per_device_eval_batch_size, **loader_options)
+    train_dataloader = make_dataloader(
+        train_dataset, args.per_device_train_batch_size, **loader_options, shuffle=True, collate=collates[0]
+    )
+    eval_dataloader = make_dataloader(eval_dataset, args.per_device_eval_batch_size, **loader_options, collate=collates[1])
     test_dataloader = None
     if test_dataset is not None:  # read once: its workers need not outlive it
         test_dataloader = make_dataloader(
-            test_dataset, args.per_device_eval_batch_size, **loader_options, persistent_workers=False
-        )
+            test_dataset, args.per_device_eval_batch_size, **loader_options, persistent_workers=False,
+            collate=collates[1],
+        )  # fmt: skip
 
     # 3. Optimisation: AdamW, warmup then decay, everything placed on the devices by Accelerate.
     # The fused kernel updates all parameters in one call: about 10% faster steps for small models.
@@ -169,7 +216,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, tracker_config(args))
     log_training_plan(args, accelerator, len(train_dataset), num_epochs, max_train_steps, checkpoint, progress)
-    logger.info(f"{num_workers} data loader worker process(es) per training process")
 
     # 5. Train, evaluating after every epoch.
     start_time = time.perf_counter()
@@ -180,15 +226,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         disable=not accelerator.is_local_main_process,
     )
     training_seconds, trained_images = 0.0, 0  # the training epochs of this run, without evaluation
+    first_step_seconds = None
+
+    def after_step(window: list[dict]):
+        nonlocal first_step_seconds
+        seconds = time.perf_counter() - PROCESS_START
+        first_step_seconds = first_step_seconds or seconds
+        if on_event is not None:
+            samples = [batch[SAMPLE_INDEX].tolist() for batch in window]
+            on_event("step", {"step": progress.completed_steps, "seconds": seconds, "samples": samples})
+
     for epoch in range(progress.epoch, num_epochs):
         train_transform.epoch = epoch  # seeds this epoch's augmentations
         epoch_start, images_before = time.perf_counter(), progress.samples_seen
-        train_loss = train_one_epoch(
-            args, accelerator, model, train_dataloader, optimizer, lr_scheduler, progress, progress_bar,
-            max_train_steps, output_dir,
-        )  # fmt: skip
-        training_seconds += time.perf_counter() - epoch_start
-        trained_images += (progress.samples_seen - images_before) * accelerator.num_processes
+        try:
+            train_loss = train_one_epoch(
+                args, accelerator, model, train_dataloader, optimizer, lr_scheduler, progress, progress_bar,
+                max_train_steps, output_dir, after_step,
+            )  # fmt: skip
+        except BadImageError as error:
+            stop_at_bad_image(error, accelerator, output_dir, progress)
+        epoch_seconds = time.perf_counter() - epoch_start
+        epoch_images = (progress.samples_seen - images_before) * accelerator.num_processes
+        training_seconds, trained_images = training_seconds + epoch_seconds, trained_images + epoch_images
         eval_metrics = run_evaluation(accelerator, model, eval_dataloader, prefix="eval")
         record = {
             "epoch": epoch + 1,
@@ -197,7 +257,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "learning_rate": lr_scheduler.get_last_lr()[0],
             **eval_metrics,
         }
+        if args.on_bad_image == "skip":
+            skipped = torch.tensor(progress.skipped_images, device=accelerator.device)
+            record["skipped_images"] = len(bad_images) + int(accelerator.reduce(skipped, "sum"))
         progress.finish_epoch(record)
+        if on_event is not None:
+            on_event("epoch", {**record, "train_seconds": epoch_seconds, "train_images": epoch_images})
         logger.info(f"epoch {epoch + 1}/{num_epochs}: " + format_metrics(record, exclude=("epoch",)))
         if args.with_tracking:
             accelerator.log(record, step=progress.completed_steps)
@@ -213,10 +278,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if test_dataloader is not None:
         results.update(run_evaluation(accelerator, model, test_dataloader, prefix="test"))
         logger.info("test: " + format_metrics({k: v for k, v in results.items() if k.startswith("test_")}))
-    results.update(train_samples=len(train_dataset), train_runtime=round(train_runtime, 2))
+    results.update(train_samples=len(dataset["train"]), train_runtime=round(train_runtime, 2))
     # Images (on all processes) per second of the training epochs: what the data loading and the loop let the model
     # reach. Not transformers.Trainer's train_samples_per_second, whose time includes the evaluations.
     results["train_loop_samples_per_second"] = round(trained_images / training_seconds, 1) if trained_images else None
+    # From the start of the process (imports included) to the end of this run's first optimizer step.
+    results["seconds_to_first_step"] = round(first_step_seconds, 2) if first_step_seconds else None
     save_model(accelerator, model, image_processor, output_dir)
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -273,12 +340,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "other symbols.",
     )
     data.add_argument(
+        "--images_in_memory",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Decode every image once into memory as uint8 tensors and augment whole batches with tensor operations "
+        "in the training process (no loader workers). `auto`: when the training images share one size, at most "
+        "twice the model's input, and all splits fit in a quarter of the free memory. Otherwise images are decoded "
+        "and augmented one by one in loader worker processes, every epoch.",
+    )
+    data.add_argument(
+        "--verify_images",
+        action="store_true",
+        help="Decode every image before training (in parallel) and stop with the list of files that fail. Without "
+        "it, a bad file is met when it is first loaded; see --on_bad_image.",
+    )
+    data.add_argument(
+        "--on_bad_image",
+        choices=("stop", "skip"),
+        default="stop",
+        help="An image that cannot be decoded: `stop` names the file and stops (after saving a checkpoint of the "
+        "steps done, in a single-process run); `skip` leaves it out and counts it (`skipped_images` in "
+        "all_results.json).",
+    )
+    data.add_argument(
         "--dataloader_num_workers",
         type=worker_count,
         default="auto",
-        help="Worker processes per training process that decode and augment images while the model trains; 0 "
-        "loads them in the training process. `auto`: the CPU cores the training processes leave free (their "
-        "threads on the CPU, one each with a GPU), at most 4.",
+        help="Worker processes per training process that decode and augment images while the model trains, when "
+        "they are not held in memory; 0 loads them in the training process. `auto`: on the CPU one per 4 cores (at "
+        "least one), beside a GPU every core but one, at most 4.",
     )
 
     model = parser.add_argument_group("model (default: a 4-block ViT for the 8x8 digits, trained from scratch)")
@@ -383,7 +473,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--num_threads",
         type=positive_int,
-        help="PyTorch threads per process. Default on the CPU: $OMP_NUM_THREADS if set, else 1, as torchrun does.",
+        help="PyTorch threads per process. Default on the CPU: $OMP_NUM_THREADS if set (torchrun and `accelerate "
+        "launch` set 1 for several processes), else the machine's cores divided among its training processes.",
     )
 
     checkpoints = parser.add_argument_group("checkpoints")
@@ -536,12 +627,8 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     )
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    elif accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Small models gain nothing from more threads, and on a machine shared with other work the threads wait for
-        # each other: the digits train ten times slower with two threads than with one on two busy cores.
-        torch.set_num_threads(1)
     state = ", ".join(line for line in str(accelerator.state).splitlines() if line.strip())
-    logger.info(f"{state}, {torch.get_num_threads()} CPU thread(s)")
+    logger.info(state)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
@@ -549,6 +636,47 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     return accelerator
+
+
+def set_threads(num_threads: int | None, accelerator: Accelerator, cores: int, config: ViTCustomConfig, batch: int):
+    """PyTorch threads for training on the CPU: --num_threads, else $OMP_NUM_THREADS, else every core of this process
+    when the model's layers are large enough to share, else one.
+
+    A layer too small to split (the digits model's MLP on a batch of 32) only makes threads wait for each other, and
+    far longer when another program uses a core too. Loading needs no core of its own: in memory it is a few tensor
+    operations per batch, and a loader worker decoding small images needs a fraction of one.
+    """
+    if num_threads is not None or accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    tokens = config.num_prefix_tokens + config.grid_size[0] * config.grid_size[1]
+    mlp_work = batch * tokens * config.hidden_size * config.intermediate_size
+    torch.set_num_threads(cores if mlp_work >= MIN_WORK_PER_THREAD * cores else 1)
+
+
+def stop_at_bad_image(error: BadImageError, accelerator: Accelerator, output_dir: Path, progress: "TrainingProgress"):
+    """Stop at an image that cannot be decoded, keeping the steps done: a single process saves a checkpoint first
+    (with several, the others are waiting in a collective operation and cannot join a save)."""
+    # A loader worker's exception arrives with the worker's traceback in its message: keep the original message.
+    message = str(error).rsplit("BadImageError: ", 1)[-1].strip()
+    saved = ""
+    if accelerator.num_processes == 1 and progress.completed_steps > 0:
+        save_checkpoint(accelerator, output_dir, progress)
+        saved = f" The {progress.completed_steps} steps done are saved: fix the file, then continue with " \
+            "--resume_from_checkpoint latest."
+    raise FinetuneError(f"Cannot decode an image: {message}{saved}") from None
+
+
+def check_images(dataset, image_column: str, processes: int):
+    """--verify_images: decode every image before training, in parallel, and name the ones that fail."""
+    start = time.perf_counter()
+    bad = [message for split in dataset.values() for message in find_bad_images(split, image_column, processes)]
+    if bad:
+        raise FinetuneError(
+            f"{len(bad)} image(s) cannot be decoded: {shorten(bad, limit=5)}. Remove or replace them, or pass "
+            "--on_bad_image skip to train without them."
+        )
+    images = sum(len(split) for split in dataset.values())
+    logger.info(f"Verified {images} images in {time.perf_counter() - start:.1f} s")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -564,11 +692,13 @@ class TrainingProgress:
     completed_steps: int = 0  # optimizer updates so far
     loss_sum: float = 0.0  # training loss summed over the images of `epoch` (by each process)
     samples_seen: int = 0  # images of `epoch` already trained on (by each process)
+    skipped_images: int = 0  # images of `epoch` that could not be decoded, with --on_bad_image skip (by each process)
     history: list[dict] = field(default_factory=list)  # the metrics of every finished epoch
 
     def finish_epoch(self, record: dict):
         self.history.append(record)
         self.epoch, self.batches_seen, self.loss_sum, self.samples_seen = self.epoch + 1, 0, 0.0, 0
+        self.skipped_images = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -781,6 +911,7 @@ def train_one_epoch(
     progress_bar: tqdm,
     max_train_steps: int,
     output_dir: Path,
+    after_step: Callable[[list[dict]], None] = lambda window: None,
 ) -> float:
     """Train on the batches of `progress.epoch` that were not trained on yet; return the epoch's mean loss."""
     model.train()
@@ -789,6 +920,7 @@ def train_one_epoch(
     batches = skip_first_batches(train_dataloader, progress.batches_seen) if progress.batches_seen else train_dataloader
     for window in accumulation_windows(batches, args.gradient_accumulation_steps):
         window_loss_sum, window_samples = accumulate_gradients(accelerator, model, window, args.label_smoothing)
+        progress.skipped_images += sum(len(batch["labels"]) for batch in window) - window_samples
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -800,12 +932,13 @@ def train_one_epoch(
         progress.samples_seen += window_samples
         progress.completed_steps += 1
         progress_bar.update(1)
-        progress_bar.set_postfix(loss=f"{window_loss_sum / window_samples:.4f}", refresh=False)
+        progress_bar.set_postfix(loss=f"{window_loss_sum / max(window_samples, 1):.4f}", refresh=False)
+        after_step(window)
         if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, progress)
         if progress.completed_steps >= max_train_steps:
             break
-    mean_loss = torch.tensor(progress.loss_sum / progress.samples_seen, device=accelerator.device)
+    mean_loss = torch.tensor(progress.loss_sum / max(progress.samples_seen, 1), device=accelerator.device)
     return accelerator.reduce(mean_loss, "mean").item()
 
 
@@ -828,7 +961,8 @@ def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: lis
     of one batch of all of them, however the window splits (a short last batch, a short last window). Processes
     synchronise their gradients once, after the last batch.
     """
-    num_samples = sum(len(batch["labels"]) for batch in window)
+    # Skipped images (--on_bad_image skip) carry SKIPPED_LABEL, which cross_entropy ignores; they count for nothing.
+    num_samples = sum(int((batch["labels"] != SKIPPED_LABEL).sum()) for batch in window)
     loss_sum = 0.0
     for index, batch in enumerate(window):
         is_last = index == len(window) - 1
@@ -837,7 +971,7 @@ def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: lis
             losses = nn.functional.cross_entropy(
                 logits.float(), batch["labels"], label_smoothing=label_smoothing, reduction="sum"
             )
-            accelerator.backward(losses / num_samples)
+            accelerator.backward(losses / max(num_samples, 1))
         loss_sum += losses.item()
     return loss_sum, num_samples
 
@@ -852,6 +986,8 @@ def run_evaluation(accelerator: Accelerator, model: nn.Module, dataloader: DataL
         logits = model(pixel_values=batch["pixel_values"]).logits.float()
         # Gathers every process's batch, minus the samples repeated to give every process a full last batch.
         logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        kept = labels != SKIPPED_LABEL
+        logits, labels = logits[kept], labels[kept]
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         num_samples += len(labels)
         metric.add_batch(predictions=logits.cpu().numpy(), references=labels.cpu().numpy())

@@ -238,6 +238,7 @@ def test_worker_processes_load_the_images_the_training_process_would_load_every_
     # The workers live for the whole run: each epoch's augmentations must still reach them, so two epochs with workers
     # train to the same weights as two epochs loaded in the training process.
     common = [*TINY_MODEL, "--num_train_epochs", 2, "--max_train_samples", 24, "--max_eval_samples", 10]
+    common += ["--images_in_memory", "off"]  # images decoded every epoch, by the workers
     run_main(*common, "--dataloader_num_workers", 0, "--output_dir", tmp_path / "in_process")
     run_main(*common, "--dataloader_num_workers", 2, "--output_dir", tmp_path / "workers")
 
@@ -273,31 +274,29 @@ def test_persistent_workers_augment_each_epoch_as_the_training_process_would(sta
     assert not torch.equal(epochs[0], epochs[1])
 
 
-def test_default_worker_count_uses_the_cores_training_leaves_free(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+def test_default_worker_count_is_one_per_four_cores_of_each_training_process(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with fresh_accelerate_state():
         accelerator = Accelerator(cpu=True)
-        torch.set_num_threads(1)
         assert finetune_utils.default_num_workers(accelerator) == 4  # at most 4
-        torch.set_num_threads(14)
-        assert finetune_utils.default_num_workers(accelerator) == 2
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        assert finetune_utils.default_num_workers(accelerator) == 0  # 8 cores per process, 14 threads each
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert finetune_utils.default_num_workers(accelerator) == 2  # 8 cores per process
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-        torch.set_num_threads(1)
-        assert finetune_utils.default_num_workers(accelerator) == 0  # one core each, busy training
+        assert finetune_utils.default_num_workers(accelerator) == 0  # a single core each: load in the process
         monkeypatch.delenv("LOCAL_WORLD_SIZE")
-        assert finetune_utils.default_num_workers(accelerator) == 1  # one process on 2 cores, 1 thread
+        assert finetune_utils.default_num_workers(accelerator) == 1  # one process on 2 cores: at least one worker
 
 
-def test_accumulated_batches_loaded_by_worker_processes_train_like_one_large_batch(tmp_path):
+@pytest.mark.parametrize("loading", [["--images_in_memory", "on"], ["--images_in_memory", "off", "--dataloader_num_workers", "2"]],
+                         ids=["in-memory", "workers"])  # fmt: skip
+def test_accumulated_batches_train_like_one_large_batch(tmp_path, loading):
     # 20 images: one batch of 20, or batches of 8, 8 and a short 4 accumulated into the same single update.
-    common = [*TINY_MODEL, "--num_train_epochs", 1, "--max_train_samples", 20, "--max_eval_samples", 10]
+    common = [*TINY_MODEL, "--num_train_epochs", 1, "--max_train_samples", 20, "--max_eval_samples", 10, *loading]
     run_main(*common, "--per_device_train_batch_size", 20, "--output_dir", tmp_path / "large")
     run_main(
         *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 3,
-        "--dataloader_num_workers", 2, "--output_dir", tmp_path / "accumulated",
+        "--output_dir", tmp_path / "accumulated",
     )  # fmt: skip
 
     large = load_file(tmp_path / "large" / "model.safetensors")

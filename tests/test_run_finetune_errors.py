@@ -46,7 +46,7 @@ def no_image_column(tmp_path):
 
 def empty_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
-    return ["--train_dir", str(tmp_path / "empty")], ["holds no images (it is empty)", "one sub-folder per class"]
+    return ["--train_dir", str(tmp_path / "empty")], ["holds no images in class sub-folders (no class sub-folder)", "one sub-folder per class"]
 
 
 def only_non_image_files(tmp_path):
@@ -54,7 +54,7 @@ def only_non_image_files(tmp_path):
     (tmp_path / "notes" / "cat" / "readme.txt").write_text("cats")
     (tmp_path / "notes" / "cat" / "labels.csv").write_text("file,label\n")
     return ["--train_dir", str(tmp_path / "notes")], [
-        "holds no images (only 2 other file(s): cat/labels.csv, cat/readme.txt)",
+        "holds no images in class sub-folders (only 2 other file(s): cat/labels.csv, cat/readme.txt)",
         "one sub-folder per class",
     ]
 
@@ -62,7 +62,7 @@ def only_non_image_files(tmp_path):
 def a_file_that_is_not_an_image(tmp_path):
     arguments = folders(tmp_path)
     (tmp_path / "data" / "train" / "dog" / "broken.png").write_text("not an image")
-    return arguments, ["1 file(s) with an image extension", "dog/broken.png", "Remove or replace them"]
+    return arguments, ["1 train image(s) cannot be decoded", "dog/broken.png", "Remove or replace them", "--on_bad_image skip"]
 
 
 def labels_that_do_not_match_the_head(tmp_path):
