@@ -51,7 +51,9 @@ class FinetuneError(Exception):
 
 def load_image_dataset(args: argparse.Namespace) -> DatasetDict:
     """The images as `train`, `validation` and, when the data has one, `test` splits, with checked columns."""
-    if args.dataset_name:
+    if args.dataset_name and split_folders(Path(args.dataset_name)):
+        dataset = load_image_folders(**split_folders(Path(args.dataset_name)))
+    elif args.dataset_name:
         dataset = load_hub_dataset(args.dataset_name, args.dataset_config_name)
     elif args.train_dir:
         dataset = load_image_folders(train=args.train_dir, validation=args.validation_dir, test=args.test_dir)
@@ -157,6 +159,19 @@ def load_image_folders(**folders: Path | None) -> DatasetDict:
             for split, (paths, classes) in listings.items()
         }
     )
+
+
+def split_folders(folder: Path) -> dict[str, Path]:
+    """A local dataset folder's `train`, `validation` (or `val`, `valid`, `dev`) and `test` sub-folders, when it has a
+    `train` one holding class folders, to be listed as --train_dir and friends are; else nothing."""
+    if not (folder / "train").is_dir() or any((folder / name).is_file() for name in image_data.METADATA_FILES):
+        return {}
+    splits = {"train": folder / "train"}
+    for split, names in (("validation", ("validation", "val", "valid", "dev")), ("test", ("test",))):
+        found = [folder / name for name in names if (folder / name).is_dir()]
+        if found:
+            splits[split] = found[0]
+    return splits
 
 
 def metadata_data_files(folders: dict[str, Path | None]) -> dict[str, list[str]]:

@@ -92,6 +92,10 @@ TRACKER_PROJECT = "vit-custom"
 # Multiply-adds of one MLP layer on a batch (batch x tokens x width x MLP width) below which a second thread costs more
 # than it saves on the CPU (benchmarks/benchmark_fashion_mnist.py measures both sides of it).
 MIN_WORK_PER_THREAD = 2**25
+# What --torch_compile auto expects of compiling: the speed-up of a training step (small models on the CPU gain
+# 1.25-1.44x, ViT-B/16 on a GPU 1.3-1.6x), and the seconds compiling the training and evaluation graphs costs.
+COMPILE_SPEEDUP = 1.25
+COMPILE_SECONDS = 30
 
 # The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
 # are upscaled to 16 px and cut into 4x4 patches (16 tokens, each covering 2x2 original pixels).
@@ -188,6 +192,17 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         )  # fmt: skip
 
     # 3. Optimisation: AdamW, warmup then decay, everything placed on the devices by Accelerate.
+    steps_per_epoch = math.ceil(
+        math.ceil(len(train_dataset) / (args.per_device_train_batch_size * accelerator.num_processes))
+        / args.gradient_accumulation_steps
+    )
+    compiled, compile_reason = plan_compile(
+        args.torch_compile, model, args.per_device_train_batch_size,
+        args.max_train_steps or args.num_train_epochs * steps_per_epoch, accelerator.device, checkpoint,
+    )  # fmt: skip
+    logger.info(f"torch.compile {'on' if compiled else 'off'}: {compile_reason}")
+    if compiled and args.torch_compile == "auto":
+        accelerator.state.dynamo_plugin = TorchDynamoPlugin(backend="inductor")
     # The fused kernel updates all parameters in one call: about 10% faster steps for small models.
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate, fused=True)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     )
 
     # 4. Pick up where a previous run stopped, or start a new one.
-    progress = TrainingProgress()
+    progress = TrainingProgress(compiled=compiled)
     accelerator.register_for_checkpointing(progress)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint)
@@ -278,7 +293,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     if test_dataloader is not None:
         results.update(run_evaluation(accelerator, model, test_dataloader, prefix="test"))
         logger.info("test: " + format_metrics({k: v for k, v in results.items() if k.startswith("test_")}))
-    results.update(train_samples=len(dataset["train"]), train_runtime=round(train_runtime, 2))
+    results.update(train_samples=len(dataset["train"]), train_runtime=round(train_runtime, 2), torch_compile=compiled)
     # Images (on all processes) per second of the training epochs: what the data loading and the loop let the model
     # reach. Not transformers.Trainer's train_samples_per_second, whose time includes the evaluations.
     results["train_loop_samples_per_second"] = round(trained_images / training_seconds, 1) if trained_images else None
@@ -466,8 +481,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     training.add_argument(
         "--torch_compile",
-        action="store_true",
-        help="Compile the model with torch.compile (Accelerate's dynamo plugin, inductor backend).",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="Compile the model with torch.compile (inductor). `auto`: when the run is long enough for the speed-up "
+        "to repay the compile time: eager steps are timed before training, and a resumed run keeps the choice of "
+        "the run it continues. A bare --torch_compile means `on`.",
     )
     training.add_argument("--cpu", action="store_true", help="Train on the CPU even when an accelerator is present.")
     training.add_argument(
@@ -617,7 +637,7 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
         step_scheduler_with_optimizer=False,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile == "on" else None,
     )
     # Only the main process reports progress; the others report only problems.
     logging.basicConfig(
@@ -666,6 +686,48 @@ def stop_at_bad_image(error: BadImageError, accelerator: Accelerator, output_dir
     raise FinetuneError(f"Cannot decode an image: {message}{saved}") from None
 
 
+def plan_compile(
+    setting: str, model: nn.Module, batch_size: int, planned_steps: int, device: torch.device, checkpoint: Path | None
+) -> tuple[bool, str]:
+    """Whether to compile the model (`--torch_compile`), and why, for the log.
+
+    `auto` keeps the choice of the run a checkpoint continues (compiled kernels sum in another order). Else it times a
+    few eager training steps at the run's batch size and compiles when the planned steps would take long enough for the
+    expected speed-up to repay the compile time (both measured by benchmarks/benchmark_speed.py --compile).
+    """
+    if setting != "auto":
+        return setting == "on", f"--torch_compile {setting}"
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)
+        return bool(state.get("compiled", False)), f"as the run {checkpoint} continues"
+    step_seconds = time_eager_steps(model, batch_size, device)
+    eager_seconds = planned_steps * step_seconds
+    saved = eager_seconds * (1 - 1 / COMPILE_SPEEDUP)
+    reason = (f"{planned_steps} steps of {step_seconds * 1000:.1f} ms take about {eager_seconds:.0f} s eagerly; "
+              f"{COMPILE_SPEEDUP}x faster steps would save {saved:.0f} s against about {COMPILE_SECONDS} s of compiling")
+    return saved > COMPILE_SECONDS, reason
+
+
+def time_eager_steps(model: nn.Module, batch_size: int, device: torch.device, repeats: int = 3) -> float:
+    """Seconds of one forward and backward pass on a random batch, the median of `repeats` after a warm-up; the
+    model's weights, gradients and the random generators are left as they were."""
+    model.to(device).train()
+    config = model.config
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        pixel_values = torch.randn(batch_size, config.num_channels, *config.image_height_width, device=device)
+        labels = torch.randint(0, max(config.num_labels, 1), (batch_size,), device=device)
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            logits = model(pixel_values=pixel_values).logits
+            nn.functional.cross_entropy(logits.float(), labels).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
 def check_images(dataset, image_column: str, processes: int):
     """--verify_images: decode every image before training, in parallel, and name the ones that fail."""
     start = time.perf_counter()
@@ -694,6 +756,7 @@ class TrainingProgress:
     samples_seen: int = 0  # images of `epoch` already trained on (by each process)
     skipped_images: int = 0  # images of `epoch` that could not be decoded, with --on_bad_image skip (by each process)
     history: list[dict] = field(default_factory=list)  # the metrics of every finished epoch
+    compiled: bool = False  # whether the model runs under torch.compile: a resumed run keeps it, for the same sums
 
     def finish_epoch(self, record: dict):
         self.history.append(record)

@@ -180,3 +180,12 @@ def test_threads_follow_the_cores_for_large_layers_and_stay_single_for_small_one
         assert torch.get_num_threads() == 2
         run_finetune.set_threads(3, accelerator, 2, fashion, batch=128)  # --num_threads was applied already
         assert torch.get_num_threads() == 2
+
+
+def test_a_local_dataset_folder_with_split_sub_folders_is_listed_like_image_folders(tmp_path):
+    make_image_folder(tmp_path / "fashion" / "train", ["coat", "shirt"], images_per_class=4, size=8)
+    make_image_folder(tmp_path / "fashion" / "val", ["coat", "shirt"], images_per_class=2, size=8, seed=1)
+    make_image_folder(tmp_path / "fashion" / "test", ["shirt"], images_per_class=3, size=8, seed=2)
+    dataset = finetune_utils.load_image_dataset(run_finetune.parse_args(["--dataset_name", str(tmp_path / "fashion")]))
+    assert {name: len(split) for name, split in dataset.items()} == {"train": 8, "validation": 4, "test": 3}
+    assert dataset["test"]["label"] == [1, 1, 1]

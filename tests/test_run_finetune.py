@@ -309,7 +309,7 @@ def test_accumulated_batches_train_like_one_large_batch(tmp_path, loading):
 
 
 def test_a_compiled_model_is_saved_under_its_own_parameter_names(tmp_path):
-    args = run_finetune.parse_args([*TINY_MODEL, "--torch_compile"])
+    args = run_finetune.parse_args([*TINY_MODEL, "--torch_compile"])  # a bare flag: on
     model, image_processor = run_finetune.load_model(args, labels=["a", "b"])
     with fresh_accelerate_state():
         accelerator = run_finetune.create_accelerator(args)
@@ -318,3 +318,22 @@ def test_a_compiled_model_is_saved_under_its_own_parameter_names(tmp_path):
         run_finetune.save_model(accelerator, compiled, image_processor, tmp_path)
 
     assert set(load_file(tmp_path / "model.safetensors")) == set(model.state_dict())
+
+
+def test_torch_compile_auto_compiles_long_runs_only_and_a_resumed_run_keeps_the_choice(tmp_path):
+    args = run_finetune.parse_args(TINY_MODEL)
+    assert args.torch_compile == "auto"
+    model, _ = run_finetune.load_model(args, labels=["a", "b"])
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    cpu = torch.device("cpu")
+    assert run_finetune.plan_compile("auto", model, 8, 10, cpu, None)[0] is False  # 10 tiny steps: not worth it
+    compiled, reason = run_finetune.plan_compile("auto", model, 8, 10**9, cpu, None)
+    assert compiled and "steps of" in reason
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())  # timing trains nothing
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    torch.save(run_finetune.TrainingProgress(compiled=True).state_dict(), checkpoint / "custom_checkpoint_0.pkl")
+    assert run_finetune.plan_compile("auto", model, 8, 10, cpu, checkpoint)[0] is True
+    assert run_finetune.plan_compile("off", model, 8, 10**9, cpu, None)[0] is False
