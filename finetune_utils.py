@@ -23,6 +23,7 @@ from transformers import ViTImageProcessor
 
 from configuration_vit_custom import ViTCustomConfig
 from convert_checkpoint import shorten
+from finetune_errors import FinetuneError
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ SAMPLE_INDEX = "sample_index"
 
 # The output folder goes to the Hub without its checkpoints and unfinished checkpoint saves (`*` matches across `/`).
 NOT_UPLOADED = ["checkpoint-*", "tmp/*"]
-
-
-class FinetuneError(Exception):
-    """A problem with the inputs, with a message that names it and its fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
