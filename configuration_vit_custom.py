@@ -19,6 +19,7 @@ PRESETS: dict[str, dict] = {
 }
 
 POOLING_MODES = ("cls", "mean")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 # Where the Auto classes find our code in a saved folder or Hub repo (loaded with `trust_remote_code=True`).
 AUTO_MAP = {
@@ -76,6 +77,8 @@ class ViTCustomConfig(PreTrainedConfig):
     interpolate_pos_encoding: bool = False
 
     def __post_init__(self, **kwargs):
+        if (kwargs.get("num_labels") or 0) < 0:  # transformers would make it 0: a model without a classifier
+            raise ValueError(f"num_labels={kwargs['num_labels']} must be a number of classes, or 0 for no classifier.")
         if isinstance(self.image_size, (list, tuple)):
             self.image_size = list(self.image_size)
         super().__post_init__(**kwargs)
@@ -152,6 +155,15 @@ class ViTCustomConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={value} must be in [0, 1).")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be positive.")
+        from transformers.activations import ACT2FN
+
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is unknown; use the name of one of transformers' activations "
+                "(transformers.activations.ACT2FN), e.g. 'gelu', 'gelu_pytorch_tanh' or 'quick_gelu'."
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type={self.problem_type!r} is unknown; use one of {PROBLEM_TYPES}, or None.")
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling={self.pooling!r} is unknown; use one of {POOLING_MODES}.")
         if self.pooling == "cls" and not self.use_cls_token:

@@ -18,26 +18,29 @@ once when the resolution changes. Examples:
 From Python, `load_vit_custom` returns the model and `load_image_processor` its preprocessing.
 """
 
+from __future__ import annotations
+
 import argparse
 import functools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
-from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+# torch and transformers take seconds to import: each function imports what it uses, so that the command line answers
+# --help and usage errors at once. These names are for the annotations only.
+if TYPE_CHECKING:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor
 
-from configuration_vit_custom import PRESETS, ViTCustomConfig
-from modeling_vit_custom import ViTCustomForImageClassification, resample_position_embeddings
-
+    from configuration_vit_custom import ViTCustomConfig
+    from modeling_vit_custom import ViTCustomForImageClassification
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 def main(argv: list[str] | None = None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.to_hf_vit:
@@ -152,6 +155,28 @@ def main(argv: list[str] | None = None):
     except (ValueError, OSError) as error:
         parser.exit(1, f"error: {error}\n")
     logger.info(f"Wrote {output_dir}")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with the values no conversion could use refused as usage errors."""
+    args = parser.parse_args(argv)
+    if args.image_size is not None and (len(args.image_size) > 2 or min(args.image_size) <= 0):
+        parser.error(
+            f"--image-size {' '.join(map(str, args.image_size))}: give one side or height and width, in pixels"
+        )
+    for flag, value in (("--num-labels", args.num_labels), ("--num-attention-heads", args.num_attention_heads)):
+        if value is not None and value <= 0:
+            parser.error(f"{flag} {value}: must be a positive number")
+    import_flags = [
+        flag for flag in ("image_size", "num_labels", "labels", "num_attention_heads") if getattr(args, flag)
+    ]
+    if args.to_hf_vit and import_flags:
+        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in import_flags)
+        parser.error(
+            f"--to-hf-vit exports the model as it is; {flags} apply to an import. Import with them first, then export "
+            "the result."
+        )
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +261,8 @@ def model_from_state_dict(
     config: ViTCustomConfig, state_dict: dict[str, torch.Tensor]
 ) -> ViTCustomForImageClassification:
     """The classifier of `config` holding the (checked, adapted) `state_dict`."""
+    from modeling_vit_custom import ViTCustomForImageClassification
+
     model = ViTCustomForImageClassification(config)
     # read_checkpoint has checked every tensor; a missing classifier is the new head, left to its initialisation.
     model.load_state_dict(state_dict, strict="classifier.weight" in state_dict)
@@ -251,6 +278,8 @@ def load_image_processor(
     has none), the `pretrained_cfg` of a timm folder, ImageNet's mean and std for a bare state dict. `revision` as in
     `load_vit_custom`.
     """
+    from transformers import ViTImageProcessor
+
     source = resolve_source(path_or_repo, revision)
     kind, config = identify_checkpoint(source)
     if kind == "timm":
@@ -315,6 +344,8 @@ def export_to_hf_vit(
     Raises:
         ValueError: the model pools the mean of the patch tokens, which transformers' ViT cannot.
     """
+    from transformers import ViTForImageClassification
+
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     vit_config = hf_vit_config_from_vit_custom(model.config)
@@ -327,6 +358,9 @@ def export_to_hf_vit(
 def resolve_source(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """A local path as it is; otherwise a Hub repo id at `revision`, downloaded (configs and weights only) or found in
     the cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
     path = Path(path_or_repo)
     if path.exists():
         if revision is not None:
@@ -358,7 +392,7 @@ def identify_checkpoint(source: Path) -> tuple[str, dict]:
     if not source.is_dir() or not config_file.is_file():
         # A bare state dict: only timm's layout describes its own sizes, so it is read as timm's.
         return "timm", {}
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     if "architecture" in config and "model_type" not in config:
         return "timm", config
     model_type = config.get("model_type")
@@ -375,6 +409,10 @@ def read_checkpoint(source: Path, **hints) -> tuple[ViTCustomConfig, dict[str, t
 
     `hints` may state what a bare timm state dict does not record (see `TIMM_HINTS`); other keys are ignored here.
     """
+    from transformers import ViTConfig
+
+    from configuration_vit_custom import ViTCustomConfig
+
     kind, source_config = identify_checkpoint(source)
     weights = read_weights(source)
     if kind == "vit":
@@ -394,6 +432,9 @@ def adapt_checkpoint(
     config: ViTCustomConfig, state_dict: dict[str, torch.Tensor], **overrides
 ) -> tuple[ViTCustomConfig, dict[str, torch.Tensor]]:
     """Apply user overrides: a new resolution resamples the position embeddings, new labels drop the classifier."""
+    from configuration_vit_custom import ViTCustomConfig
+    from modeling_vit_custom import resample_position_embeddings
+
     changed = [
         f"{name}={overrides[name]!r} (the checkpoint has {getattr(config, name)!r})"
         for name in ARCHITECTURE_FIELDS
@@ -430,6 +471,10 @@ def adapt_checkpoint(
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: ViTCustomConfig, source: Path | str = "checkpoint"):
     """Raise a ValueError naming every missing, unexpected or wrongly sized tensor. The classifier may be absent."""
+    import torch
+
+    from modeling_vit_custom import ViTCustomForImageClassification
+
     with torch.device("meta"):
         expected_model = ViTCustomForImageClassification(config)
     expected = {key: tuple(tensor.shape) for key, tensor in expected_model.state_dict().items()}
@@ -453,13 +498,16 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: ViTCustomConfi
     if problems:
         raise ValueError(
             f"Cannot import {source} into vit-custom ({config.hidden_size} wide, {config.num_hidden_layers} blocks, "
-            f"{config.grid_size[0]}x{config.grid_size[1]} patches, pooling={config.pooling!r}):\n- "
-            + "\n- ".join(problems)
+            f"{config.grid_size[0]}x{config.grid_size[1]} patches, pooling={config.pooling!r}): "
+            + "; ".join(problems)
+            + ". Pass a complete checkpoint whose weights match its config."
         )
 
 
 def vit_custom_config_from_hf_vit(vit_config: ViTConfig) -> ViTCustomConfig:
     """The vit-custom configuration of a transformers ViT: CLS pooling, its LayerNorm eps, bias and activation."""
+    from configuration_vit_custom import ViTCustomConfig
+
     head_dim = getattr(vit_config, "head_dim", None)
     if head_dim and head_dim * vit_config.num_attention_heads != vit_config.hidden_size:
         raise ValueError(
@@ -490,6 +538,8 @@ def vit_custom_config_from_hf_vit(vit_config: ViTConfig) -> ViTCustomConfig:
 
 def hf_vit_config_from_vit_custom(config: ViTCustomConfig) -> ViTConfig:
     """The transformers ViT configuration of a CLS-pooled vit-custom model."""
+    from transformers import ViTConfig
+
     if config.pooling != "cls":
         raise ValueError(
             f"Only pooling='cls' models can be exported to transformers' ViT, which classifies the CLS token; this "
@@ -528,6 +578,8 @@ def vit_custom_config_from_timm(
         state_dict: timm's tensors (`patch_embed.proj.weight`, `blocks.N.attn.qkv.weight`, ...).
         timm_config: the `config.json` of a timm Hub folder (`architecture`, `model_args`, `pretrained_cfg`), if any.
     """
+    from configuration_vit_custom import ViTCustomConfig
+
     timm_config = timm_config or {}
     _reject_unsupported_timm_tensors(state_dict)
     _require_timm_sizes(state_dict)
@@ -611,22 +663,74 @@ def hf_vit_state_dict_from_vit_custom(state_dict: dict[str, torch.Tensor]) -> di
 
 
 def read_weights(source: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a weights file, or of the (possibly sharded) weights of a folder, on the CPU."""
+    """All tensors of a weights file, or of the (possibly sharded) weights of a folder, on the CPU.
+
+    Raises:
+        ValueError: a file is truncated or corrupt, or holds something other than named tensors; the message names it.
+    """
     files = [source] if source.is_file() else _weight_files(source)
     state_dict = {}
     for file in files:
-        if file.suffix == ".safetensors":
-            state_dict.update(load_file(file))
-        else:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-            # Training checkpoints wrap the weights; DistributedDataParallel prefixes them.
-            loaded = loaded.get("state_dict", loaded.get("model", loaded))
-            state_dict.update({key.removeprefix("module."): tensor for key, tensor in loaded.items()})
+        state_dict.update(_read_safetensors(file) if file.suffix == ".safetensors" else _read_torch_weights(file))
     return state_dict
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{file} is not a readable safetensors file, it is truncated or corrupt ({error}). Download or save it "
+            "again."
+        ) from error
+
+
+def _read_torch_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The named tensors of a `torch.save` file (.pth, .bin), unpickling nothing else."""
+    import torch
+
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch reports a truncated or foreign file with several exception types
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe:
+            raise ValueError(
+                f"{file} holds a pickled {unsafe[1]}, not only tensors; it is not unpickled, which could run any "
+                "code. Save the weights alone where you trust the file: torch.save(model.state_dict(), path), or "
+                "safetensors' save_file."
+            ) from error
+        reason = f"{type(error).__name__}: {str(error).split('. ')[0]}" if str(error) else type(error).__name__
+        raise ValueError(
+            f"{file} is not a readable PyTorch weights file: it is truncated, corrupt or of another format ({reason}). "
+            "Download or save it again."
+        ) from error
+    # Training checkpoints wrap the weights; DistributedDataParallel prefixes them.
+    if isinstance(loaded, dict):
+        loaded = loaded.get("state_dict", loaded.get("model", loaded))
+    if isinstance(loaded, dict) and all(isinstance(tensor, torch.Tensor) for tensor in loaded.values()):
+        return {key.removeprefix("module."): tensor for key, tensor in loaded.items()}
+    if isinstance(loaded, torch.Tensor):
+        found = f"a single tensor of shape {tuple(loaded.shape)}"
+    elif isinstance(loaded, dict):
+        others = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+        found = f"entries that are not tensors ({shorten(others, 3)})"
+    else:
+        found = f"a {type(loaded).__name__}"
+    raise ValueError(
+        f"{file} holds {found}, not a state dict of named tensors. Save one with torch.save(model.state_dict(), path)."
+    )
 
 
 def label_overrides(num_labels: int | None = None, labels: list[str] | None = None) -> dict:
     """`num_labels` or `id2label`/`label2id` overrides from a number of classes or their names."""
+    if num_labels is not None and num_labels < 0:
+        raise ValueError(f"num_labels={num_labels}: pass the number of classes, or 0 for a model without a classifier.")
+    duplicates = sorted(label for label, count in Counter(labels or []).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"The labels name {shorten(duplicates)} more than once; give every class one distinct name.")
     if labels is None:
         return {} if num_labels is None else {"num_labels": num_labels}
     if num_labels is not None and num_labels != len(labels):
@@ -659,6 +763,8 @@ def _rename(
 
 def _fuse_qkv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Concatenate every block's `attention.{query,key,value}` into `attention.qkv`: rows q, k, v, as in timm."""
+    import torch
+
     fused = dict(state_dict)
     for key in state_dict:
         if re.fullmatch(r"vit\.layers\.\d+\.attention\.query\.(weight|bias)", key):
@@ -737,6 +843,8 @@ def _timm_architecture_args(timm_config: dict) -> dict:
 
     The model is built on the meta device, so nothing is allocated or downloaded.
     """
+    import torch
+
     if "architecture" not in timm_config:
         return {}
     try:
@@ -816,6 +924,8 @@ def _timm_labels(timm_config: dict, num_classes: int) -> dict:
 
 def _default_num_heads(hidden_size: int, intermediate_size: int) -> int | None:
     """The heads of the standard ViT size of this width, else 64-wide heads; None when neither fits."""
+    from configuration_vit_custom import PRESETS
+
     for preset in PRESETS.values():
         if (preset["hidden_size"], preset["intermediate_size"]) == (hidden_size, intermediate_size):
             return preset["num_attention_heads"]
@@ -823,6 +933,8 @@ def _default_num_heads(hidden_size: int, intermediate_size: int) -> int | None:
 
 
 def _timm_preprocessing(timm_config: dict, source: Path) -> dict:
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
     pretrained_cfg = timm_config.get("pretrained_cfg", timm_config)
     if "mean" not in pretrained_cfg:
         logger.warning(
@@ -838,9 +950,11 @@ def _timm_preprocessing(timm_config: dict, source: Path) -> dict:
 
 
 def _hf_preprocessing(source: Path) -> dict:
+    from transformers import ViTImageProcessor
+
     processor_file = source / "preprocessor_config.json"
     defaults = ViTImageProcessor()
-    settings = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    settings = _read_json(processor_file) if processor_file.is_file() else {}
     return {
         "image_mean": settings.get("image_mean", defaults.image_mean),
         "image_std": settings.get("image_std", defaults.image_std),
@@ -851,7 +965,9 @@ def _hf_preprocessing(source: Path) -> dict:
 def _weight_files(folder: Path) -> list[Path]:
     for index in WEIGHT_INDEXES:
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            weight_map = _read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{folder / index} has no weight_map; restore the file or download it again.")
             return [folder / name for name in sorted(set(weight_map.values()))]
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
@@ -863,6 +979,16 @@ def _weight_files(folder: Path) -> list[Path]:
         f"No weights in {folder}: expected {' or '.join(WEIGHT_FILES)}, a sharded index, or a single .safetensors or "
         f".pth file (found {[path.name for path in candidates]})."
     )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as error:  # invalid JSON or text
+        raise ValueError(f"{path} is not valid JSON ({error}); restore the file or download it again.") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} holds a JSON {type(content).__name__}, not an object; restore the file.")
+    return content
 
 
 def _new_head_reason(
@@ -877,9 +1003,24 @@ def _new_head_reason(
     return None
 
 
+def unwritable_folder_reason(folder: Path) -> str | None:
+    """Why `folder` cannot be created or written into (a file in the way, no permission), or None when it can."""
+    for path in [folder, *folder.parents]:
+        if path.is_dir():
+            return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+        if path.exists():
+            return f"{path} is a file" if path == folder else f"{path} is a file, not a folder"
+    return None
+
+
 def _check_output_dir(output_dir: Path, overwrite: bool):
+    reason = unwritable_folder_reason(output_dir)
+    if reason:
+        raise OSError(f"Cannot write the folder {output_dir}: {reason}. Choose another output folder.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} already has files; choose another folder or pass overwrite=True.")
+        raise FileExistsError(
+            f"{output_dir} already has files; choose another folder or pass --overwrite (overwrite=True in Python)."
+        )
 
 
 def _write_folder(output_dir: Path, *savers) -> Path:

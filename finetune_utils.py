@@ -24,6 +24,7 @@ from transformers import ViTImageProcessor
 import image_data
 from configuration_vit_custom import ViTCustomConfig
 from convert_checkpoint import shorten
+from finetune_errors import FinetuneError
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ SAMPLE_INDEX = image_data.SAMPLE_INDEX
 
 # The output folder goes to the Hub without its checkpoints and unfinished checkpoint saves (`*` matches across `/`).
 NOT_UPLOADED = ["checkpoint-*", "tmp/*"]
-
-
-class FinetuneError(Exception):
-    """A problem with the inputs, with a message that names it and its fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

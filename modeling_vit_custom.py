@@ -56,6 +56,67 @@ def resample_position_embeddings(
     return torch.cat([prefix, patches], dim=1)
 
 
+def check_pixel_values(pixel_values: torch.Tensor, num_channels: int):
+    """Refuse inputs the model would misread, saying what to pass instead. The image size is the embeddings' check."""
+    prepare = "prepare the images with the image processor: processor(images, return_tensors='pt')"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values is a {type(pixel_values).__name__}, not a torch.Tensor; {prepare}.")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values holds {pixel_values.dtype} values, not normalised floats; {prepare}, or convert them the "
+            "same way (scale to [0, 1], subtract the mean, divide by the std)."
+        )
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+        if pixel_values.ndim == 3:
+            fix = "For a single image, add the batch axis: pixel_values.unsqueeze(0)."
+        elif pixel_values.ndim == 4 and pixel_values.shape[-1] == num_channels:
+            fix = "The channels come last: pass pixel_values.permute(0, 3, 1, 2)."
+        else:
+            fix = (
+                f"Convert the images to {num_channels} channels (the image processor does this with do_convert_rgb), "
+                "or build the model with a matching num_channels."
+            )
+        raise ValueError(
+            f"Expected pixel_values of shape (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}. "
+            + fix
+        )
+
+
+def check_labels(labels: torch.Tensor, logits: torch.Tensor, num_labels: int, problem_type: str):
+    """Refuse labels the loss would misread or fail on, saying what to pass instead."""
+    batch_size = logits.shape[0]
+    if num_labels == 0:
+        raise ValueError(
+            "The model has no classifier (num_labels=0): it returns the pooled features. Build it with num_labels > 0 "
+            "to train it with labels."
+        )
+    if problem_type == "single_label_classification":
+        if labels.is_floating_point() or labels.numel() != batch_size:
+            raise ValueError(
+                f"Single-label classification takes one class index per image, integers of shape ({batch_size},); "
+                f"got {labels.dtype} labels of shape {tuple(labels.shape)}."
+            )
+        # A data-dependent check: skipped while compiling, where it would break the graph.
+        if not torch.compiler.is_compiling():
+            wrong = labels[(labels != -100) & ((labels < 0) | (labels >= num_labels))]
+            if wrong.numel():
+                raise ValueError(
+                    f"labels holds class {wrong[0].item()}, but the model has {num_labels} classes: pass indices from "
+                    f"0 to {num_labels - 1} (or -100 for an image to ignore), or build the model with more labels."
+                )
+    elif problem_type == "multi_label_classification" and labels.shape != logits.shape:
+        raise ValueError(
+            f"Multi-label classification takes 0/1 labels of shape {tuple(logits.shape)}, got {tuple(labels.shape)}. "
+            "For single-label classification pass class indices as integers (torch.long), or set "
+            "config.problem_type."
+        )
+    elif problem_type == "regression" and labels.numel() != logits.numel():
+        raise ValueError(
+            f"Regression takes {logits.numel()} targets ({num_labels} per image), got labels of shape "
+            f"{tuple(labels.shape)}."
+        )
+
+
 def dropout(probability: float) -> nn.Module:
     """`nn.Dropout`, or `nn.Identity` when there is nothing to drop (a cheaper call, which small models feel)."""
     return nn.Dropout(probability) if probability > 0 else nn.Identity()
@@ -71,19 +132,12 @@ class ViTCustomPatchEmbeddings(nn.Module):
 
     def __init__(self, config: ViTCustomConfig):
         super().__init__()
-        self.num_channels = config.num_channels
         self.patch_size = config.patch_size
         self.projection = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(
-                f"Expected pixel_values of shape (batch, {self.num_channels}, height, width), got "
-                f"{tuple(pixel_values.shape)}. Convert the images to {self.num_channels} channels (the image "
-                "processor does this with do_convert_rgb), or build the model with a matching num_channels."
-            )
         batch_size, channels, height, width = pixel_values.shape
         size = self.patch_size
         patches = pixel_values.reshape(batch_size, channels, height // size, size, width // size, size)
@@ -344,6 +398,7 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
             interpolate_pos_encoding (`bool`, *optional*): resample the position embeddings to the input's size;
                 defaults to `config.interpolate_pos_encoding`.
         """
+        check_pixel_values(pixel_values, self.config.num_channels)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         for layer in self.layers:
@@ -409,6 +464,7 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
             else:
                 config.problem_type = "multi_label_classification"
         labels = labels.to(logits.device)
+        check_labels(labels, logits, self.num_labels, config.problem_type)
         if config.problem_type == "single_label_classification":
             losses = nn.functional.cross_entropy(
                 logits.view(-1, self.num_labels).float(), labels.view(-1).long(), ignore_index=-100, reduction="none"

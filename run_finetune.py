@@ -15,6 +15,8 @@ Every problem with the inputs is reported before anything is written, and a fold
 is never overwritten unless `--overwrite_output_dir` is given.
 """
 
+from __future__ import annotations
+
 import time
 
 PROCESS_START = time.perf_counter()  # before the imports, which take seconds: the start-up a user waits for
@@ -25,49 +27,33 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
-import evaluate
-import torch
-import transformers
-from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, TorchDynamoPlugin, set_seed
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import ViTImageProcessor, get_scheduler
+# torch, transformers, accelerate and datasets take seconds to import: each function imports what it uses, so that
+# --help and a mistyped flag are answered at once. These names are for the annotations only.
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import ViTImageProcessor
+
+    from configuration_vit_custom import ViTCustomConfig
+    from image_data import BadImageError
+    from modeling_vit_custom import ViTCustomForImageClassification
 
 import convert_checkpoint
-from convert_checkpoint import shorten
-from configuration_vit_custom import PRESETS, ViTCustomConfig
-from finetune_utils import (
-    SAMPLE_INDEX,
-    SKIPPED_LABEL,
-    FinetuneError,
-    build_transforms,
-    collate_fn,
-    cores_per_process,
-    create_hub_repo,
-    default_num_workers,
-    in_memory_plan,
-    lazy_split,
-    load_image_dataset,
-    load_in_memory,
-    make_dataloader,
-    memory_budget,
-    number_samples,
-    plot_training_curves,
-    push_to_hub,
-    write_model_card,
-)
-from image_data import BadImageError, BatchAugment, BatchNormalize, find_bad_images
-from modeling_vit_custom import ViTCustomForImageClassification
+from convert_checkpoint import shorten, unwritable_folder_reason
+from finetune_errors import FinetuneError
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +82,33 @@ MIN_WORK_PER_THREAD = 2**25
 # 1.25-1.44x, ViT-B/16 on a GPU 1.3-1.6x), and the seconds compiling the training and evaluation graphs costs.
 COMPILE_SPEEDUP = 1.25
 COMPILE_SECONDS = 30
+# The names of configuration_vit_custom.PRESETS and of Accelerate's trackers (accelerate.utils.LoggerType), written out
+# because importing either takes seconds; tests check that they agree.
+PRESET_NAMES = ("tiny", "small", "base", "large", "huge")
+TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+
+# Flags that mean something only beside another flag: alone they would be ignored.
+FLAG_NEEDS = {
+    "dataset_config_name": "dataset_name",
+    "model_revision": "model_name_or_path",
+    "ignore_mismatched_sizes": "model_name_or_path",
+    "report_to": "with_tracking",
+    "hub_model_id": "push_to_hub",
+    "hub_token": "push_to_hub",
+    "hub_revision": "push_to_hub",
+    "hub_private_repo": "push_to_hub",
+}
+# The flags a resumed run must repeat: a checkpoint's place in the data and its optimizer and learning-rate state
+# count in the steps, images and values of the run that wrote it.
+RESUMED_FLAGS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
+    "warmup_steps",
+)
 
 # The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
 # are upscaled to 16 px and cut into 4x4 patches (16 tokens, each covering 2x2 original pixels).
@@ -136,6 +149,33 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     trained and the images it trained on): a seam for benchmarks and tests to observe the run.
     """
     args = parse_args(argv)
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from accelerate.utils import TorchDynamoPlugin
+
+    from finetune_utils import (
+        SAMPLE_INDEX,
+        build_transforms,
+        collate_fn,
+        cores_per_process,
+        create_hub_repo,
+        default_num_workers,
+        in_memory_plan,
+        lazy_split,
+        load_image_dataset,
+        load_in_memory,
+        make_dataloader,
+        memory_budget,
+        number_samples,
+        plot_training_curves,
+        push_to_hub,
+        write_model_card,
+    )
+    from image_data import BadImageError, BatchAugment, BatchNormalize
+
     accelerator = create_accelerator(args)
     set_seed(args.seed)
 
@@ -143,6 +183,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     output_dir = Path(args.output_dir)
     checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, checkpoint, args)
+    if args.model_name_or_path is None:
+        new_model_config(args, labels=[])  # a model the flags cannot build is refused before the data is read
     with accelerator.main_process_first():
         dataset = load_image_dataset(args)
     labels = dataset["train"].features[args.label_column_name].names
@@ -223,10 +265,11 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     )
 
     # 4. Pick up where a previous run stopped, or start a new one.
-    progress = TrainingProgress(compiled=compiled)
+    settings = resumed_settings(args, accelerator.num_processes, len(train_dataset))
+    progress = TrainingProgress(settings=settings, planned_steps=max_train_steps, compiled=compiled)
     accelerator.register_for_checkpointing(progress)
     if checkpoint is not None:
-        load_checkpoint(accelerator, checkpoint)
+        load_checkpoint(accelerator, checkpoint, progress)
     prepare_output_dir(output_dir, checkpoint, args, accelerator)
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, tracker_config(args))
@@ -257,14 +300,19 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         try:
             train_loss = train_one_epoch(
                 args, accelerator, model, train_dataloader, optimizer, lr_scheduler, progress, progress_bar,
-                max_train_steps, output_dir, after_step,
+                max_train_steps, output_dir, checkpoint, after_step,
             )  # fmt: skip
         except BadImageError as error:
-            stop_at_bad_image(error, accelerator, output_dir, progress)
+            stop_at_bad_image(
+                error, accelerator, model, output_dir, progress, args.checkpoints_total_limit, checkpoint
+            )
         epoch_seconds = time.perf_counter() - epoch_start
         epoch_images = (progress.samples_seen - images_before) * accelerator.num_processes
         training_seconds, trained_images = training_seconds + epoch_seconds, trained_images + epoch_images
         eval_metrics = run_evaluation(accelerator, model, eval_dataloader, prefix="eval")
+        if not math.isfinite(eval_metrics["eval_loss"]):  # weights so large that the logits overflow
+            what = f"the validation loss is {eval_metrics['eval_loss']} after step {progress.completed_steps}"
+            raise divergence_error(what, output_dir)
         record = {
             "epoch": epoch + 1,
             "step": progress.completed_steps,
@@ -282,7 +330,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         if args.with_tracking:
             accelerator.log(record, step=progress.completed_steps)
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, progress)
+            save_checkpoint(accelerator, model, output_dir, progress, args.checkpoints_total_limit, checkpoint)
         if progress.completed_steps >= max_train_steps:
             break
     progress_bar.close()
@@ -299,6 +347,10 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     results["train_loop_samples_per_second"] = round(trained_images / training_seconds, 1) if trained_images else None
     # From the start of the process (imports included) to the end of this run's first optimizer step.
     results["seconds_to_first_step"] = round(first_step_seconds, 2) if first_step_seconds else None
+    if args.skip_nonfinite_steps:
+        results["train_skipped_nonfinite_steps"] = progress.skipped_steps
+    if progress.schedule_changes:
+        results["schedule_recomputed"] = progress.schedule_changes
     save_model(accelerator, model, image_processor, output_dir)
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -331,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--label_column_name", default="label", help="The dataset column that holds the classes.")
     data.add_argument(
         "--train_val_split",
-        type=fraction,
+        type=split_fraction,
         default=0.1,
         help="Fraction of the training images held out for validation when the data has no validation split.",
     )
@@ -398,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        choices=PRESET_NAMES,
         help="Size of a new model (ViT/DeiT sizes); the flags below override single values.",
     )
     model.add_argument(
@@ -422,9 +474,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="Prepend a learned CLS token (new models only).",
     )
-    model.add_argument("--hidden_dropout_prob", type=fraction, help="Dropout on embeddings, attention output and MLP.")
-    model.add_argument("--attention_probs_dropout_prob", type=fraction, help="Dropout on the attention weights.")
-    model.add_argument("--drop_path_rate", type=fraction, help="Stochastic depth rate of the last block.")
+    model.add_argument(
+        "--hidden_dropout_prob", type=probability, help="Dropout on embeddings, attention output and MLP."
+    )
+    model.add_argument("--attention_probs_dropout_prob", type=probability, help="Dropout on the attention weights.")
+    model.add_argument("--drop_path_rate", type=probability, help="Stochastic depth rate of the last block.")
     model.add_argument(
         "--ignore_mismatched_sizes",
         action="store_true",
@@ -472,12 +526,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument(
         "--max_grad_norm", type=non_negative_float, default=1.0, help="Clip gradients to this norm; 0 disables."
     )
-    training.add_argument("--label_smoothing", type=fraction, default=0.1, help="Label smoothing of the training loss.")
-    training.add_argument("--seed", type=int, default=42, help="Seed of the weights, data order and augmentation.")
+    training.add_argument(
+        "--label_smoothing", type=probability, default=0.1, help="Label smoothing of the training loss, in [0, 1)."
+    )
+    training.add_argument(
+        "--skip_nonfinite_steps",
+        action="store_true",
+        help="Skip an optimizer step whose loss is NaN or infinite, and count it in all_results.json, instead of "
+        "stopping the run there.",
+    )
+    training.add_argument(
+        "--seed", type=seed, default=42, help="Seed of the weights, data order and augmentation, in [0, 2**32)."
+    )
     training.add_argument(
         "--mixed_precision",
         choices=("no", "fp16", "bf16"),
-        help="Mixed precision (passed to Accelerate; default: `accelerate config` or the launcher's choice).",
+        help="Mixed precision (passed to Accelerate; default: `accelerate config` or the launcher's choice). fp16 "
+        "needs a GPU; the CPU runs bf16.",
     )
     training.add_argument(
         "--torch_compile",
@@ -504,8 +569,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Save a resumable checkpoint every N optimizer steps, or after every epoch with `epoch`.",
     )
     checkpoints.add_argument(
+        "--checkpoints_total_limit",
+        type=non_negative_int,
+        default=3,
+        help="Keep the newest N checkpoints of --output_dir, deleting older ones after each save (never the one the "
+        "run resumed from); 0 keeps them all.",
+    )
+    checkpoints.add_argument(
         "--resume_from_checkpoint",
-        help="Continue from a `checkpoint-N` folder, or from the newest one in --output_dir with `latest`.",
+        help="Continue from a `checkpoint-N` folder, or from the newest complete one in --output_dir with `latest`. "
+        "The run must repeat the batch size, accumulation, process count, data and optimizer flags of the run that "
+        "wrote it; it may train for more or fewer steps (the schedule is then recomputed and reported).",
     )
 
     output = parser.add_argument_group("output")
@@ -523,8 +597,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     output.add_argument(
         "--report_to",
-        default="tensorboard",
-        help="Tracker for --with_tracking: `tensorboard` (logs in <output_dir>/runs), `wandb`, `mlflow`, ... or `all`.",
+        choices=TRACKERS,
+        help="Tracker for --with_tracking (default: tensorboard, logging in <output_dir>/runs), or `all` the installed "
+        "ones.",
     )
     output.add_argument(
         "--license", default="apache-2.0", help="License of the trained model, for the model card (a Hub identifier)."
@@ -541,6 +616,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     args = parser.parse_args(argv)
+    for flag, needed in FLAG_NEEDS.items():
+        if getattr(args, flag) and not getattr(args, needed):
+            parser.error(f"--{flag} is used only with --{needed}, which is not given: add --{needed}, or drop --{flag}")
+    if args.preset and args.model_name_or_path:
+        parser.error(
+            f"--preset {args.preset} picks the size of a new model, but --model_name_or_path fixes it: drop one"
+        )
     if args.dataset_name and (args.train_dir or args.validation_dir or args.test_dir):
         parser.error("pass either --dataset_name or image folders (--train_dir, ...), not both")
     if (args.validation_dir or args.test_dir) and not args.train_dir:
@@ -549,6 +631,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]}: need 0 < MIN <= MAX <= 1")
     if args.output_dir is None:
         args.output_dir = f"outputs/vit-custom-{dataset_short_name(args)}"
+    reason = unwritable_folder_reason(Path(args.output_dir))
+    if reason:
+        parser.error(f"--output_dir {args.output_dir} cannot be written: {reason}. Pass a folder path you can write to")
+    if args.report_to is None:
+        args.report_to = "tensorboard"
     if args.horizontal_flip is None:
         args.horizontal_flip = bool(args.dataset_name or args.train_dir)  # not for the built-in digits
     return args
@@ -579,17 +666,24 @@ def worker_count(text: str) -> int | str:
     return text if text == "auto" else non_negative_int(text)
 
 
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1 (the seeds NumPy accepts), got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
     return value
 
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive finite number, got {value}")
     return value
 
 
@@ -597,6 +691,20 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {value}")
+    return value
+
+
+def split_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both sides need images), got {value}")
     return value
 
 
@@ -626,6 +734,14 @@ def dataset_short_name(args: argparse.Namespace) -> str:
 
 
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
+    import datasets
+    import torch
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin
+
+    if args.with_tracking:
+        check_tracker(args.report_to)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=args.cpu,
@@ -639,6 +755,12 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile == "on" else None,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate would report fp16 and train in fp32: it has no fp16 autocast on the CPU.
+        raise FinetuneError(
+            "Mixed precision fp16 (from --mixed_precision or `accelerate config`) needs a GPU, and this run is on the "
+            "CPU. Pass --mixed_precision bf16, which the CPU runs, or --mixed_precision no."
+        )
     # Only the main process reports progress; the others report only problems.
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -666,6 +788,8 @@ def set_threads(num_threads: int | None, accelerator: Accelerator, cores: int, c
     far longer when another program uses a core too. Loading needs no core of its own: in memory it is a few tensor
     operations per batch, and a loader worker decoding small images needs a fraction of one.
     """
+    import torch
+
     if num_threads is not None or accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
     tokens = config.num_prefix_tokens + config.grid_size[0] * config.grid_size[1]
@@ -673,14 +797,17 @@ def set_threads(num_threads: int | None, accelerator: Accelerator, cores: int, c
     torch.set_num_threads(cores if mlp_work >= MIN_WORK_PER_THREAD * cores else 1)
 
 
-def stop_at_bad_image(error: BadImageError, accelerator: Accelerator, output_dir: Path, progress: "TrainingProgress"):
+def stop_at_bad_image(
+    error: BadImageError, accelerator: Accelerator, model: nn.Module, output_dir: Path, progress: TrainingProgress,
+    keep_last: int, resumed_from: Path | None,
+):
     """Stop at an image that cannot be decoded, keeping the steps done: a single process saves a checkpoint first
     (with several, the others are waiting in a collective operation and cannot join a save)."""
     # A loader worker's exception arrives with the worker's traceback in its message: keep the original message.
     message = str(error).rsplit("BadImageError: ", 1)[-1].strip()
     saved = ""
     if accelerator.num_processes == 1 and progress.completed_steps > 0:
-        save_checkpoint(accelerator, output_dir, progress)
+        save_checkpoint(accelerator, model, output_dir, progress, keep_last, resumed_from)
         saved = f" The {progress.completed_steps} steps done are saved: fix the file, then continue with " \
             "--resume_from_checkpoint latest."
     raise FinetuneError(f"Cannot decode an image: {message}{saved}") from None
@@ -695,6 +822,8 @@ def plan_compile(
     few eager training steps at the run's batch size and compiles when the planned steps would take long enough for the
     expected speed-up to repay the compile time (both measured by benchmarks/benchmark_speed.py --compile).
     """
+    import torch
+
     if setting != "auto":
         return setting == "on", f"--torch_compile {setting}"
     if checkpoint is not None:
@@ -711,6 +840,9 @@ def plan_compile(
 def time_eager_steps(model: nn.Module, batch_size: int, device: torch.device, repeats: int = 3) -> float:
     """Seconds of one forward and backward pass on a random batch, the median of `repeats` after a warm-up; the
     model's weights, gradients and the random generators are left as they were."""
+    import torch
+    from torch import nn
+
     model.to(device).train()
     config = model.config
     times = []
@@ -730,6 +862,8 @@ def time_eager_steps(model: nn.Module, batch_size: int, device: torch.device, re
 
 def check_images(dataset, image_column: str, processes: int):
     """--verify_images: decode every image before training, in parallel, and name the ones that fail."""
+    from image_data import find_bad_images
+
     start = time.perf_counter()
     bad = [message for split in dataset.values() for message in find_bad_images(split, image_column, processes)]
     if bad:
@@ -739,6 +873,21 @@ def check_images(dataset, image_column: str, processes: int):
         )
     images = sum(len(split) for split in dataset.values())
     logger.info(f"Verified {images} images in {time.perf_counter() - start:.1f} s")
+def check_tracker(report_to: str):
+    """Refuse a tracker whose package is missing: Accelerate would drop it and log nothing, without a word."""
+    from accelerate.tracking import get_available_trackers
+
+    installed = [tracker.value for tracker in get_available_trackers()]
+    if report_to == "all" and not installed:
+        raise FinetuneError(
+            "--report_to all: no experiment tracker is installed. Install one (pip install tensorboard), or drop "
+            "--with_tracking."
+        )
+    if report_to != "all" and report_to not in installed:
+        raise FinetuneError(
+            f"--report_to {report_to}: its package is not installed, so nothing would be logged. Install it (pip "
+            f"install {report_to}), or pick an installed tracker ({', '.join(installed) or 'none is'})."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -757,6 +906,10 @@ class TrainingProgress:
     skipped_images: int = 0  # images of `epoch` that could not be decoded, with --on_bad_image skip (by each process)
     history: list[dict] = field(default_factory=list)  # the metrics of every finished epoch
     compiled: bool = False  # whether the model runs under torch.compile: a resumed run keeps it, for the same sums
+    settings: dict = field(default_factory=dict)  # what the counts above are in (see `resumed_settings`)
+    planned_steps: int = 0  # the optimizer steps of the whole run, which the learning-rate schedule spans
+    schedule_changes: list[dict] = field(default_factory=list)  # resumes with another number of steps
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (--skip_nonfinite_steps)
 
     def finish_epoch(self, record: dict):
         self.history.append(record)
@@ -780,14 +933,46 @@ def find_checkpoint(resume_from_checkpoint: str | None, output_dir: Path) -> Pat
         if not checkpoints:
             logger.info(f"No checkpoint in {output_dir} to resume from; starting a new run.")
             return None
-        return checkpoints[-1]
-    checkpoint = Path(resume_from_checkpoint)
-    if not (checkpoint / "custom_checkpoint_0.pkl").is_file():
+        for checkpoint in reversed(checkpoints):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                return checkpoint
+            logger.warning(f"Skipping {checkpoint}, which cannot be resumed from: {problem}.")
         raise FinetuneError(
-            f"--resume_from_checkpoint {checkpoint} is not a checkpoint written by this script (it has no "
-            "custom_checkpoint_0.pkl). Pass one of the checkpoint-N folders of an --output_dir, or `latest`."
+            f"None of the {len(checkpoints)} checkpoints in {output_dir} can be resumed from (see the warnings). "
+            "Start the run again with --overwrite_output_dir, or in another --output_dir."
+        )
+    checkpoint = Path(resume_from_checkpoint)
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise FinetuneError(
+            f"--resume_from_checkpoint {checkpoint} cannot be resumed from: {problem}. Pass another of the "
+            "checkpoint-N folders of its --output_dir, or `latest`, which skips damaged ones."
         )
     return checkpoint
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (not a checkpoint of this script, a truncated or corrupt file), or None.
+
+    Reads the structure of every file (the header of a safetensors file, the zip directory of a torch.save one), not
+    the tensors: quick, and enough to find a file cut short.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not (checkpoint / "custom_checkpoint_0.pkl").is_file():
+        return "it is not a checkpoint written by this script (it has no custom_checkpoint_0.pkl)"
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):
+                    pass
+            elif path.suffix in (".bin", ".pkl"):  # torch.save's zip files
+                with zipfile.ZipFile(path):
+                    pass
+        except (SafetensorError, zipfile.BadZipFile, OSError) as error:
+            return f"{path.name} is truncated or corrupt ({error})"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -805,8 +990,6 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 def check_output_dir(output_dir: Path, checkpoint: Path | None, args: argparse.Namespace):
     """Refuse an output folder that holds another run's files, unless resuming that run or told to overwrite it."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FinetuneError(f"--output_dir {output_dir} is a file; pass a folder path.")
     previous = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
     if not previous or args.overwrite_output_dir:
         return
@@ -844,9 +1027,23 @@ def prepare_output_dir(output_dir: Path, checkpoint: Path | None, args: argparse
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: TrainingProgress):
-    """Save everything needed to resume. The state is written to a temporary folder that is renamed when complete,
-    so a run killed while saving leaves the previous checkpoints intact and `latest` never picks a partial one."""
+def save_checkpoint(
+    accelerator: Accelerator,
+    model: nn.Module,
+    output_dir: Path,
+    progress: TrainingProgress,
+    keep_last: int,
+    resumed_from: Path | None,
+):
+    """Save everything needed to resume, then delete the checkpoints older than the newest `keep_last` (0: none),
+    except the one this run resumed from.
+
+    The state is written to a temporary folder that is renamed when complete, so a run killed while saving leaves the
+    previous checkpoints intact and `latest` never picks a partial one. Diverged weights are never saved.
+    """
+    import torch
+
+    check_weights(accelerator, model, progress.completed_steps, output_dir)
     if accelerator.num_processes > 1:
         # Every process holds its own partial loss sum over as many images; keep their mean, which resumes to the
         # same epoch loss.
@@ -866,18 +1063,82 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: Traini
         if not any(partial.parent.iterdir()):
             partial.parent.rmdir()
         logger.info(f"Saved checkpoint {final}")
+        older = list_checkpoints(output_dir)[:-keep_last] if keep_last else []
+        for path in older:
+            if resumed_from is None or path.resolve() != resumed_from.resolve():
+                logger.info(f"Deleting {path}: --checkpoints_total_limit {keep_last} keeps the newest")
+                shutil.rmtree(path)
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path):
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, progress: TrainingProgress):
+    """Restore the state saved in `checkpoint` into the prepared objects and `progress`, if this run can continue it.
+
+    The run must have the checkpoint's settings (`progress.settings`) and steps left to train. Another number of steps
+    recomputes the learning-rate schedule from the checkpoint's step on: that is logged and reported.
+    """
+    from safetensors import SafetensorError
+
+    settings, planned_steps = progress.settings, progress.planned_steps
     logger.info(f"Resuming from {checkpoint}")
     try:
         accelerator.load_state(str(checkpoint))
-    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
         raise FinetuneError(
-            f"Could not resume from {checkpoint}: {error}. A checkpoint resumes only with the model, optimizer and "
-            "batch-size arguments of the run that wrote it; pass the same arguments, or start a new run."
+            f"Could not resume from {checkpoint}: {error}. A checkpoint resumes only with the model arguments of the "
+            "run that wrote it; pass the same ones, or start a new run."
         ) from error
+    changed = [
+        f"{name} {progress.settings[name]} (this run: {value})"
+        for name, value in settings.items()
+        if name in progress.settings and progress.settings[name] != value
+    ]
+    if changed:
+        raise FinetuneError(
+            f"{checkpoint} was written by a run with {', '.join(changed)}. Its place in the data and its optimizer "
+            "and learning-rate state count in that run's steps and values, so only a run with the same ones continues "
+            "it: pass the checkpoint's values, or start a new run in another --output_dir."
+        )
+    if progress.completed_steps > planned_steps:
+        raise FinetuneError(
+            f"{checkpoint} has trained {progress.completed_steps} optimizer steps, more than the {planned_steps} this "
+            "run asks for: nothing is left to train. Pass a larger --num_train_epochs or --max_train_steps."
+        )
+    if progress.planned_steps != planned_steps:
+        logger.warning(
+            f"{checkpoint} belongs to a run of {progress.planned_steps} optimizer steps and this one has "
+            f"{planned_steps}: the learning-rate schedule is recomputed for {planned_steps} steps from step "
+            f"{progress.completed_steps} on (all_results.json reports it as schedule_recomputed)."
+        )
+        progress.schedule_changes.append(
+            {"at_step": progress.completed_steps, "planned_steps": planned_steps, "before": progress.planned_steps}
+        )
+        progress.planned_steps = planned_steps
+
+
+def resumed_settings(args: argparse.Namespace, num_processes: int, num_train_images: int) -> dict:
+    """What a checkpoint's counts and optimizer state are in: the RESUMED_FLAGS, the processes and the images."""
+    flags = {f"--{name}": getattr(args, name) for name in RESUMED_FLAGS}
+    return {**flags, "processes": num_processes, "training images": num_train_images}
+
+
+def check_weights(accelerator: Accelerator, model: nn.Module, step: int, output_dir: Path):
+    """Stop the run if the weights hold NaN or infinite values: nothing computed from them may be saved or reported."""
+    import torch
+
+    nonfinite = torch.stack([parameter.isfinite().all().logical_not() for parameter in model.parameters()]).any()
+    if accelerator.reduce(nonfinite.float(), "sum").item() > 0:  # every process stops, sharded or not
+        raise divergence_error(f"the weights hold NaN or infinite values after step {step}", output_dir)
+
+
+def divergence_error(what: str, output_dir: Path) -> FinetuneError:
+    checkpoints = list_checkpoints(output_dir)
+    kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved before it"
+    return FinetuneError(
+        f"Training diverged: {what}. Nothing from that point on was saved or scored; {kept}. Start again with a "
+        "lower --learning_rate (and --max_grad_norm clipping on), or resume with --skip_nonfinite_steps to skip the "
+        "steps whose loss is not finite."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -888,38 +1149,40 @@ def load_model(
     args: argparse.Namespace, labels: list[str]
 ) -> tuple[ViTCustomForImageClassification, ViTImageProcessor]:
     """A model for `labels` with its image processor: a checkpoint adapted to the data, or a new model."""
-    label_config = {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
-    overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
-    if args.model_name_or_path is None:
-        if args.model_revision is not None:
-            raise FinetuneError(
-                f"--model_revision {args.model_revision} picks a version of --model_name_or_path, which is not given. "
-                "Pass the Hub repo to fine-tune, or drop --model_revision."
-            )
-        base = PRESETS[args.preset] if args.preset else DIGITS_MODEL
-        try:
-            config = ViTCustomConfig(**{**base, **overrides, **label_config})
-        except ValueError as error:  # the config names the bad value and its fix
-            raise FinetuneError(f"Invalid model configuration: {error}") from error
-        return ViTCustomForImageClassification(config), default_image_processor(config)
+    from modeling_vit_custom import ViTCustomForImageClassification
 
-    if args.preset:
-        raise FinetuneError(
-            f"--preset {args.preset} picks the size of a new model, but --model_name_or_path already fixes it. Drop "
-            "one of the two."
-        )
+    if args.model_name_or_path is None:
+        config = new_model_config(args, labels)
+        return ViTCustomForImageClassification(config), default_image_processor(config)
+    overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
     try:
         # Any checkpoint the converter reads: vit_custom, transformers ViT or timm; a folder or a Hub repo.
         source = convert_checkpoint.resolve_source(args.model_name_or_path, args.model_revision)
         pretrained_config, state_dict = convert_checkpoint.read_checkpoint(source, **overrides)
         check_head(pretrained_config, labels, args)
         config, state_dict = convert_checkpoint.adapt_checkpoint(
-            pretrained_config, state_dict, **overrides, **label_config
+            pretrained_config, state_dict, **overrides, **label_fields(labels)
         )
         image_processor = convert_checkpoint.load_image_processor(source, config.image_size)
     except (OSError, ValueError) as error:  # the converter names what is wrong with the checkpoint or the flags
         raise FinetuneError(f"Cannot fine-tune {args.model_name_or_path}: {error}") from error
     return convert_checkpoint.model_from_state_dict(config, state_dict), image_processor
+
+
+def new_model_config(args: argparse.Namespace, labels: list[str]) -> ViTCustomConfig:
+    """The configuration of a new model for `labels`: the --preset (default: the digits model) with the flags' values."""
+    from configuration_vit_custom import PRESETS, ViTCustomConfig
+
+    base = PRESETS[args.preset] if args.preset else DIGITS_MODEL
+    overrides = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+    try:
+        return ViTCustomConfig(**{**base, **overrides, **label_fields(labels)})
+    except ValueError as error:  # the config names the bad value and its fix
+        raise FinetuneError(f"Invalid model configuration: {error}") from error
+
+
+def label_fields(labels: list[str]) -> dict:
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
 
 
 def check_head(pretrained: ViTCustomConfig, labels: list[str], args: argparse.Namespace):
@@ -935,6 +1198,8 @@ def check_head(pretrained: ViTCustomConfig, labels: list[str], args: argparse.Na
 
 def default_image_processor(config: ViTCustomConfig) -> ViTImageProcessor:
     """Resize to the model's resolution, scale to [0, 1], normalise every channel with mean 0.5 and std 0.5."""
+    from transformers import ViTImageProcessor
+
     height, width = config.image_height_width
     return ViTImageProcessor(
         size={"height": height, "width": width},
@@ -947,6 +1212,8 @@ def default_image_processor(config: ViTCustomConfig) -> ViTImageProcessor:
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on the weight matrices only, not on biases, norms, the CLS token or the position
     embeddings, which decay would pull towards zero for no regularising benefit."""
+    from torch import nn
+
     decay, no_decay = [], []
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
@@ -974,9 +1241,17 @@ def train_one_epoch(
     progress_bar: tqdm,
     max_train_steps: int,
     output_dir: Path,
+    resumed_from: Path | None,
     after_step: Callable[[list[dict]], None] = lambda window: None,
 ) -> float:
-    """Train on the batches of `progress.epoch` that were not trained on yet; return the epoch's mean loss."""
+    """Train on the batches of `progress.epoch` that were not trained on yet; return the epoch's mean loss.
+
+    A step whose loss is not finite stops the run before the weights change, or is skipped with
+    --skip_nonfinite_steps; the weights are checked before every checkpoint and at the end of the epoch.
+    """
+    import torch
+    from accelerate import skip_first_batches
+
     model.train()
     train_dataloader.set_epoch(progress.epoch)
     # A resumed run skips the batches of this epoch it trained on before it stopped (the data order is seeded).
@@ -984,25 +1259,44 @@ def train_one_epoch(
     for window in accumulation_windows(batches, args.gradient_accumulation_steps):
         window_loss_sum, window_samples = accumulate_gradients(accelerator, model, window, args.label_smoothing)
         progress.skipped_images += sum(len(batch["labels"]) for batch in window) - window_samples
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:
-            lr_scheduler.step()
+        loss_everywhere = sum_over_processes(accelerator, window_loss_sum)  # all processes step, skip or stop alike
+        if math.isfinite(loss_everywhere):
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            progress.loss_sum += window_loss_sum
+            progress.samples_seen += window_samples
+        elif args.skip_nonfinite_steps:
+            progress.skipped_steps += 1
+            logger.warning(f"Skipped step {progress.completed_steps + 1}: its training loss is {loss_everywhere}.")
+        else:
+            step = f"step {progress.completed_steps + 1} (epoch {progress.epoch + 1})"
+            raise divergence_error(f"the training loss is {loss_everywhere} at {step}", output_dir)
         optimizer.zero_grad()
         progress.batches_seen += len(window)
-        progress.loss_sum += window_loss_sum
-        progress.samples_seen += window_samples
         progress.completed_steps += 1
         progress_bar.update(1)
         progress_bar.set_postfix(loss=f"{window_loss_sum / max(window_samples, 1):.4f}", refresh=False)
         after_step(window)
         if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, progress)
+            save_checkpoint(accelerator, model, output_dir, progress, args.checkpoints_total_limit, resumed_from)
         if progress.completed_steps >= max_train_steps:
             break
-    mean_loss = torch.tensor(progress.loss_sum / max(progress.samples_seen, 1), device=accelerator.device)
+    check_weights(accelerator, model, progress.completed_steps, output_dir)  # before they are evaluated
+    if progress.samples_seen == 0:
+        raise divergence_error(f"every step of epoch {progress.epoch + 1} had a non-finite loss", output_dir)
+    mean_loss = torch.tensor(progress.loss_sum / progress.samples_seen, device=accelerator.device)
     return accelerator.reduce(mean_loss, "mean").item()
+
+
+def sum_over_processes(accelerator: Accelerator, value: float) -> float:
+    import torch
+
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), "sum").item()
 
 
 def accumulation_windows(batches, size: int):
@@ -1024,6 +1318,10 @@ def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: lis
     of one batch of all of them, however the window splits (a short last batch, a short last window). Processes
     synchronise their gradients once, after the last batch.
     """
+    from torch import nn
+
+    from finetune_utils import SKIPPED_LABEL
+
     # Skipped images (--on_bad_image skip) carry SKIPPED_LABEL, which cross_entropy ignores; they count for nothing.
     num_samples = sum(int((batch["labels"] != SKIPPED_LABEL).sum()) for batch in window)
     loss_sum = 0.0
@@ -1039,14 +1337,21 @@ def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: lis
     return loss_sum, num_samples
 
 
-@torch.no_grad()
 def run_evaluation(accelerator: Accelerator, model: nn.Module, dataloader: DataLoader, prefix: str) -> dict:
     """Loss, accuracy and (for more than 5 classes) top-5 accuracy, counting every sample once on all processes."""
+    import evaluate
+    import torch
+    from torch import nn
+    from tqdm.auto import tqdm
+
+    from finetune_utils import SKIPPED_LABEL
+
     model.eval()
     metric = evaluate.load(str(METRIC_PATH), keep_in_memory=True)
     loss_sum, num_samples = 0.0, 0
     for batch in tqdm(dataloader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
-        logits = model(pixel_values=batch["pixel_values"]).logits.float()
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"]).logits.float()
         # Gathers every process's batch, minus the samples repeated to give every process a full last batch.
         logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
         kept = labels != SKIPPED_LABEL
@@ -1094,6 +1399,8 @@ def tracker_config(args: argparse.Namespace) -> dict:
 
 def save_model(accelerator: Accelerator, model: nn.Module, image_processor: ViTImageProcessor, output_dir: Path):
     """Weights, config (with `auto_map`), both model code files and the image processor: a loadable model folder."""
+    from accelerate.utils import DistributedType
+
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # FSDP and DeepSpeed shard the weights: gather them. Otherwise the unwrapped model holds them, under their own

@@ -57,6 +57,9 @@ def test_unknown_preset_names_the_choices():
         ({"hidden_dropout_prob": 1.0}, r"hidden_dropout_prob=1.0 must be in \[0, 1\)"),
         ({"attention_probs_dropout_prob": -0.1}, r"attention_probs_dropout_prob=-0.1 must be in \[0, 1\)"),
         ({"drop_path_rate": 1.5}, r"drop_path_rate=1.5 must be in \[0, 1\)"),
+        ({"hidden_act": "gelu2"}, r"hidden_act='gelu2' is unknown; use the name of one of transformers' activations"),
+        ({"num_labels": -3}, r"num_labels=-3 must be a number of classes, or 0 for no classifier"),
+        ({"problem_type": "ranking"}, r"problem_type='ranking' is unknown; use one of \('single_label_classification'"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(overrides, message):

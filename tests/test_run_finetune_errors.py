@@ -80,10 +80,6 @@ def architecture_flags_on_a_checkpoint(tmp_path):
     return arguments, ["fixed by the pretrained weights", "hidden_size=64 (the checkpoint has 32)", "Drop them"]
 
 
-def a_revision_without_a_checkpoint(tmp_path):
-    return ["--model_revision", "v1.0"], ["--model_revision v1.0", "--model_name_or_path, which is not given"]
-
-
 def a_revision_of_a_local_checkpoint(tmp_path):
     save_tiny_checkpoint(tmp_path / "pretrained", labels=["cat", "dog"])
     arguments = ["--model_name_or_path", str(tmp_path / "pretrained"), "--model_revision", "v1.0", *folders(tmp_path)]
@@ -99,6 +95,44 @@ def hub_unreachable_for_push_to_hub(tmp_path):
     return arguments, ["Cannot push to the Hub", "'me/digits'", "HF_HUB_OFFLINE", "drop --push_to_hub"]
 
 
+def fp16_on_the_cpu(tmp_path):
+    return ["--mixed_precision", "fp16", "--cpu"], ["fp16", "needs a GPU", "--mixed_precision bf16"]
+
+
+def a_tracker_that_is_not_installed(tmp_path):
+    from accelerate.tracking import get_available_trackers
+
+    installed = {tracker.value for tracker in get_available_trackers()}
+    missing = next(name for name in ("wandb", "mlflow", "aim", "clearml", "dvclive") if name not in installed)
+    arguments = ["--with_tracking", "--report_to", missing, "--train_dir", str(tmp_path / "not-read")]
+    return arguments, [f"--report_to {missing}: its package is not installed", f"pip install {missing}"]
+
+
+def a_model_the_flags_cannot_build(tmp_path):
+    # Refused before the data is read: the missing --train_dir would be reported otherwise.
+    arguments = ["--image_size", "18", "--train_dir", str(tmp_path / "not-read")]
+    return arguments, ["Invalid model configuration: image_size=18 is not divisible by patch_size=4"]
+
+
+def heads_that_do_not_split_the_width(tmp_path):
+    arguments = ["--num_attention_heads", "3", "--train_dir", str(tmp_path / "not-read")]
+    return arguments, ["hidden_size=64 is not divisible by num_attention_heads=3", "choose a number of heads"]
+
+
+def a_checkpoint_to_resume_that_is_not_one(tmp_path):
+    (tmp_path / "checkpoint-5").mkdir()
+    arguments = ["--resume_from_checkpoint", str(tmp_path / "checkpoint-5"), "--train_dir", str(tmp_path / "not-read")]
+    return arguments, ["checkpoint-5 cannot be resumed from", "no custom_checkpoint_0.pkl", "`latest`"]
+
+
+def truncated_weights_to_fine_tune(tmp_path):
+    save_tiny_checkpoint(tmp_path / "pretrained", labels=["cat", "dog"])
+    weights = tmp_path / "pretrained" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    arguments = ["--model_name_or_path", str(tmp_path / "pretrained"), *folders(tmp_path)]
+    return arguments, [f"{weights} is not a readable safetensors file", "truncated", "Download or save it again"]
+
+
 @pytest.mark.parametrize(
     "bad_input",
     [
@@ -109,10 +143,15 @@ def hub_unreachable_for_push_to_hub(tmp_path):
         a_file_that_is_not_an_image,
         labels_that_do_not_match_the_head,
         architecture_flags_on_a_checkpoint,
-        a_revision_without_a_checkpoint,
         a_revision_of_a_local_checkpoint,
         hub_dataset_while_offline,
         hub_unreachable_for_push_to_hub,
+        fp16_on_the_cpu,
+        a_tracker_that_is_not_installed,
+        a_model_the_flags_cannot_build,
+        heads_that_do_not_split_the_width,
+        a_checkpoint_to_resume_that_is_not_one,
+        truncated_weights_to_fine_tune,
     ],
 )
 def test_bad_input_is_reported_before_anything_is_written(bad_input, tmp_path):
@@ -133,14 +172,33 @@ def test_bad_input_is_reported_before_anything_is_written(bad_input, tmp_path):
         (["--preset", "gigantic"], "argument --preset: invalid choice: 'gigantic' (choose from"),
         (["--per_device_train_batch_size", "0"], "argument --per_device_train_batch_size: must be a positive integer"),
         (["--checkpointing_steps", "often"], "must be a positive number of steps or `epoch`"),
+        (["--seed", "-1"], "argument --seed: must be between 0 and 2**32 - 1"),
+        (["--label_smoothing", "1"], "argument --label_smoothing: must be at least 0 and below 1, got 1.0"),
+        (["--hidden_dropout_prob", "1"], "argument --hidden_dropout_prob: must be at least 0 and below 1"),
+        (["--train_val_split", "1"], "argument --train_val_split: must be between 0 and 1 (both sides need images)"),
+        (["--learning_rate", "inf"], "argument --learning_rate: must be a positive finite number, got inf"),
+        (["--learning_rate", "nan"], "argument --learning_rate: must be a positive finite number, got nan"),
+        (["--weight_decay", "-0.1"], "argument --weight_decay: must be 0 or a positive finite number"),
+        (["--max_train_steps", "-5"], "argument --max_train_steps: must be a positive integer, got -5"),
+        (["--dataloader_num_workers", "-1"], "argument --dataloader_num_workers: must be 0 or more"),
+        (["--checkpoints_total_limit", "-1"], "argument --checkpoints_total_limit: must be 0 or more"),
+        (["--report_to", "tensorbord"], "argument --report_to: invalid choice: 'tensorbord' (choose from 'all',"),
+        (["--report_to", "tensorboard"], "--report_to is used only with --with_tracking, which is not given"),
+        (["--model_revision", "v1.0"], "--model_revision is used only with --model_name_or_path, which is not given"),
+        (["--hub_model_id", "me/model"], "--hub_model_id is used only with --push_to_hub, which is not given"),
+        (["--dataset_config_name", "plain"], "--dataset_config_name is used only with --dataset_name"),
+        (["--preset", "tiny", "--model_name_or_path", "x"], "--preset tiny picks the size of a new model"),
+        (["--output_dir", "{previous}/all_results.json"], "all_results.json cannot be written: {previous}/all_res"),
+        (["--output_dir", "{previous}/model.safetensors/out"], "model.safetensors is a file, not a folder"),
     ],
 )
 def test_bad_flag_values_are_refused_by_the_parser(arguments, message, tmp_path, capsys):
     files_before = previous_run(tmp_path / "previous")
+    arguments = [argument.format(previous=tmp_path / "previous") for argument in arguments]
     with pytest.raises(SystemExit) as exit_info:
-        run_finetune.parse_args([*arguments, "--output_dir", str(tmp_path / "previous"), "--overwrite_output_dir"])
+        run_finetune.parse_args(["--output_dir", str(tmp_path / "previous"), "--overwrite_output_dir", *arguments])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message.format(previous=tmp_path / "previous") in capsys.readouterr().err
     assert snapshot(tmp_path / "previous") == files_before
 
 
