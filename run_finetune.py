@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,15 @@ import evaluate
 import torch
 import transformers
 from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    gather_object,
+    set_seed,
+)
+from datasets import DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -107,8 +116,11 @@ CONFIG_FLAGS = (
 )
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Train, evaluate and save a model as `argv` (default: the command line) describes; returns the final metrics."""
+def main(argv: list[str] | None = None, train_batch_callback: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """Train, evaluate and save a model as `argv` (default: the command line) describes; returns the final metrics.
+
+    `train_batch_callback`, if given, sees every training batch of this process before the model does.
+    """
     args = parse_args(argv)
     accelerator = create_accelerator(args)
     set_seed(args.seed)
@@ -118,21 +130,47 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, checkpoint, args)
     with accelerator.main_process_first():
-        dataset = load_image_dataset(args)
-    labels = dataset["train"].features[args.label_column_name].names
+        if args.streaming:
+            import streaming_data  # only streamed runs need torchdata
+
+            streams = streaming_data.load_streaming_data(
+                args.image_column_name, args.label_column_name, args.seed, train=args.train_dir,
+                validation=args.validation_dir, test=args.test_dir, dataset_name=args.dataset_name,
+                dataset_config_name=args.dataset_config_name, max_eval_samples=args.max_eval_samples,
+            )  # fmt: skip
+            dataset = DatasetDict(validation=streams.validation, **({"test": streams.test} if streams.test else {}))
+            labels = streams.labels
+        else:
+            dataset = load_image_dataset(args)
+            labels = dataset["train"].features[args.label_column_name].names
     model, image_processor = load_model(args, labels)
     hub_repo_id = create_hub_repo(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
 
     # 2. Data: decode, augment and normalise images lazily, as the loaders ask for them.
     train_transform, eval_transform = build_transforms(image_processor, model.config.num_channels, args)
-    train_dataset = number_samples(dataset["train"]).with_transform(train_transform)
     eval_dataset = dataset["validation"].with_transform(eval_transform)
     test_dataset = dataset["test"].with_transform(eval_transform) if "test" in dataset else None
     num_workers = args.dataloader_num_workers
     if num_workers == "auto":
         num_workers = default_num_workers(accelerator)
     loader_options = {"num_workers": num_workers, "seed": args.seed, "device": accelerator.device}
-    train_dataloader = make_dataloader(train_dataset, args.per_device_train_batch_size, **loader_options, shuffle=True)
+    if args.streaming:
+        # Its own loader, not prepared by Accelerate (which would split the shards a second time); it saves each
+        # process's stream position in the checkpoints.
+        train_dataloader = streaming_data.StreamLoader(
+            streams.train, train_transform, args.image_column_name, args.label_column_name, labels,
+            streams.labels_are_names, args.per_device_train_batch_size, num_workers, args.seed,
+            args.shuffle_buffer_size, accelerator.process_index, accelerator.num_processes, accelerator.device,
+            image_shape=(model.config.num_channels, *model.config.image_height_width),
+            on_bad_image=args.on_bad_image, any_process=flags_on_any_process(accelerator), gather=gather_object,
+        )  # fmt: skip
+        num_train_samples = streams.num_train_samples
+    else:
+        train_dataset = number_samples(dataset["train"]).with_transform(train_transform)
+        train_dataloader = make_dataloader(
+            train_dataset, args.per_device_train_batch_size, **loader_options, shuffle=True
+        )
+        num_train_samples = len(train_dataset)
     eval_dataloader = make_dataloader(eval_dataset, args.per_device_eval_batch_size, **loader_options)
     test_dataloader = None
     if test_dataset is not None:  # read once: its workers need not outlive it
@@ -143,14 +181,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # 3. Optimisation: AdamW, warmup then decay, everything placed on the devices by Accelerate.
     # The fused kernel updates all parameters in one call: about 10% faster steps for small models.
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate, fused=True)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
+    if args.streaming:
+        model, optimizer, eval_dataloader = accelerator.prepare(model, optimizer, eval_dataloader)
+    else:
+        model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, optimizer, train_dataloader, eval_dataloader
+        )
     if test_dataloader is not None:
         test_dataloader = accelerator.prepare(test_dataloader)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if args.streaming:
+        # An epoch is a pass over all shards. Its steps depend on which process reads which shards, so the schedule
+        # spans the most they can take (from the counted shards); the last pass ends it, or --max_train_steps does.
+        if args.max_train_steps is None and streams.shard_sizes is None:
+            raise FinetuneError("A streamed Hub dataset's size is not counted in advance: pass --max_train_steps.")
+        max_train_steps = args.max_train_steps or args.num_train_epochs * streams.max_steps_per_epoch(
+            accelerator.num_processes, num_workers, args.per_device_train_batch_size, args.gradient_accumulation_steps
+        )
+        num_epochs = sys.maxsize if args.max_train_steps else args.num_train_epochs
+    else:
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     lr_scheduler = accelerator.prepare(
         get_scheduler(
             args.lr_scheduler_type,
@@ -163,12 +214,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # 4. Pick up where a previous run stopped, or start a new one.
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
+    if args.streaming:
+        accelerator.register_for_checkpointing(train_dataloader)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint)
     prepare_output_dir(output_dir, checkpoint, args, accelerator)
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, tracker_config(args))
-    log_training_plan(args, accelerator, len(train_dataset), num_epochs, max_train_steps, checkpoint, progress)
+    log_training_plan(args, accelerator, num_train_samples, num_epochs, max_train_steps, checkpoint, progress)
     logger.info(f"{num_workers} data loader worker process(es) per training process")
 
     # 5. Train, evaluating after every epoch.
@@ -185,8 +238,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         epoch_start, images_before = time.perf_counter(), progress.samples_seen
         train_loss = train_one_epoch(
             args, accelerator, model, train_dataloader, optimizer, lr_scheduler, progress, progress_bar,
-            max_train_steps, output_dir,
+            max_train_steps, output_dir, train_batch_callback,
         )  # fmt: skip
+        if args.streaming and train_dataloader.stop_reason:  # a bad image, with --on_bad_image stop
+            save_checkpoint(accelerator, output_dir, progress)
+            raise FinetuneError(
+                f"Stopped at a bad training image: {train_dataloader.stop_reason}. The images trained on so far are "
+                f"saved in {output_dir}/checkpoint-{progress.completed_steps}. Replace or remove the image, then "
+                "continue with --resume_from_checkpoint latest (the run goes on after it); add --on_bad_image skip to "
+                "skip bad images without stopping."
+            )
         training_seconds += time.perf_counter() - epoch_start
         trained_images += (progress.samples_seen - images_before) * accelerator.num_processes
         eval_metrics = run_evaluation(accelerator, model, eval_dataloader, prefix="eval")
@@ -213,7 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if test_dataloader is not None:
         results.update(run_evaluation(accelerator, model, test_dataloader, prefix="test"))
         logger.info("test: " + format_metrics({k: v for k, v in results.items() if k.startswith("test_")}))
-    results.update(train_samples=len(train_dataset), train_runtime=round(train_runtime, 2))
+    results.update(train_samples=num_train_samples, train_runtime=round(train_runtime, 2))
+    if args.streaming:
+        results["skipped_images"] = train_dataloader.total_skipped_images()
     # Images (on all processes) per second of the training epochs: what the data loading and the loop let the model
     # reach. Not transformers.Trainer's train_samples_per_second, whose time includes the evaluations.
     results["train_loop_samples_per_second"] = round(trained_images / training_seconds, 1) if trained_images else None
@@ -271,6 +334,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="Mirror training images at random. Default: on, except for the digits, which a mirror turns into "
         "other symbols.",
+    )
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the training images instead of loading them, for data that does not fit in memory or on disk: "
+        "--train_dir is then a folder (or a glob) of Parquet files or WebDataset tar shards, or --dataset_name a Hub "
+        "dataset read shard by shard. The validation (required) and test splits are read as usual. Epochs are "
+        "passes over all shards; resuming continues each process's stream where it stopped.",
+    )
+    data.add_argument(
+        "--shuffle_buffer_size",
+        type=positive_int,
+        default=1000,
+        help="With --streaming: images that each loader worker reads ahead and shuffles together (kept encoded in "
+        "memory); the order of the shards is shuffled every epoch too.",
+    )
+    data.add_argument(
+        "--on_bad_image",
+        choices=("stop", "skip"),
+        default="stop",
+        help="A training image that cannot be decoded (or, in a stream, has an unknown class): `stop` after saving "
+        "a checkpoint, naming the image, or `skip` it and count it (all_results.json: skipped_images).",
     )
     data.add_argument(
         "--dataloader_num_workers",
@@ -434,6 +519,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass either --dataset_name or image folders (--train_dir, ...), not both")
     if (args.validation_dir or args.test_dir) and not args.train_dir:
         parser.error("--validation_dir and --test_dir need a --train_dir")
+    if args.streaming and not (args.train_dir or args.dataset_name):
+        parser.error("--streaming needs shards to stream: --train_dir (a folder or glob of shards) or --dataset_name")
+    if args.streaming and args.train_dir and not args.validation_dir:
+        parser.error("--streaming needs a --validation_dir of shards to evaluate on (and to read the classes from)")
+    if args.streaming and args.max_train_samples:
+        parser.error("--max_train_samples does not apply to --streaming; bound the run with --max_train_steps")
     if args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[0] == 0:
         parser.error(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]}: need 0 < MIN <= MAX <= 1")
     if args.output_dir is None:
@@ -781,14 +872,22 @@ def train_one_epoch(
     progress_bar: tqdm,
     max_train_steps: int,
     output_dir: Path,
+    train_batch_callback: Callable[[dict], None] | None = None,
 ) -> float:
     """Train on the batches of `progress.epoch` that were not trained on yet; return the epoch's mean loss."""
     model.train()
     train_dataloader.set_epoch(progress.epoch)
-    # A resumed run skips the batches of this epoch it trained on before it stopped (the data order is seeded).
-    batches = skip_first_batches(train_dataloader, progress.batches_seen) if progress.batches_seen else train_dataloader
+    # A resumed run skips the batches of this epoch it trained on before it stopped (the data order is seeded); a
+    # stream's loader continues from the position saved in the checkpoint instead.
+    resumed = progress.batches_seen and not args.streaming
+    batches = skip_first_batches(train_dataloader, progress.batches_seen) if resumed else train_dataloader
     for window in accumulation_windows(batches, args.gradient_accumulation_steps):
-        window_loss_sum, window_samples = accumulate_gradients(accelerator, model, window, args.label_smoothing)
+        if train_batch_callback is not None:
+            for batch in window:
+                train_batch_callback(batch)
+        window_loss_sum, window_samples = accumulate_gradients(
+            accelerator, model, window, args.label_smoothing, uneven=args.streaming
+        )
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
@@ -800,13 +899,23 @@ def train_one_epoch(
         progress.samples_seen += window_samples
         progress.completed_steps += 1
         progress_bar.update(1)
-        progress_bar.set_postfix(loss=f"{window_loss_sum / window_samples:.4f}", refresh=False)
+        progress_bar.set_postfix(loss=f"{window_loss_sum / max(window_samples, 1):.4f}", refresh=False)
         if isinstance(args.checkpointing_steps, int) and progress.completed_steps % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, progress)
         if progress.completed_steps >= max_train_steps:
             break
-    mean_loss = torch.tensor(progress.loss_sum / progress.samples_seen, device=accelerator.device)
+    mean_loss = torch.tensor(progress.loss_sum / max(progress.samples_seen, 1), device=accelerator.device)
     return accelerator.reduce(mean_loss, "mean").item()
+
+
+def flags_on_any_process(accelerator: Accelerator) -> Callable[[list[bool]], list[bool]]:
+    """A function of this process's flags that says, for each, whether it is set on any process (one all-reduce)."""
+
+    def any_process(flags: list[bool]) -> list[bool]:
+        counts = accelerator.reduce(torch.tensor(flags, dtype=torch.int64, device=accelerator.device), "sum")
+        return (counts > 0).tolist()
+
+    return any_process
 
 
 def accumulation_windows(batches, size: int):
@@ -821,14 +930,25 @@ def accumulation_windows(batches, size: int):
         yield window
 
 
-def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float):
+def accumulate_gradients(
+    accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float, uneven: bool = False
+):
     """Forward and backward over the batches of one optimizer step; returns the window's summed loss and images.
 
     Each image's loss is divided by the images of the whole window, not of its batch, so the gradient equals that
     of one batch of all of them, however the window splits (a short last batch, a short last window). Processes
     synchronise their gradients once, after the last batch.
+
+    `uneven`: the processes may hold different numbers of images (a stream, at the end of an epoch or after skipping
+    bad images; its padding images, labelled -100, count for none). As the processes' gradients are averaged, each
+    divides by the mean number of images per process, so the update is still that of all the images together.
     """
-    num_samples = sum(len(batch["labels"]) for batch in window)
+    if uneven:
+        num_samples = sum(int(batch["labels"].ne(-100).sum()) for batch in window)
+        images = torch.tensor(float(num_samples), device=accelerator.device)
+        divisor = accelerator.reduce(images, "mean").clamp(min=1)
+    else:
+        num_samples = divisor = sum(len(batch["labels"]) for batch in window)
     loss_sum = 0.0
     for index, batch in enumerate(window):
         is_last = index == len(window) - 1
@@ -837,7 +957,7 @@ def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: lis
             losses = nn.functional.cross_entropy(
                 logits.float(), batch["labels"], label_smoothing=label_smoothing, reduction="sum"
             )
-            accelerator.backward(losses / num_samples)
+            accelerator.backward(losses / divisor)
         loss_sum += losses.item()
     return loss_sum, num_samples
 
@@ -862,7 +982,7 @@ def run_evaluation(accelerator: Accelerator, model: nn.Module, dataloader: DataL
 def log_training_plan(
     args: argparse.Namespace,
     accelerator: Accelerator,
-    num_train_samples: int,
+    num_train_samples: int | None,
     num_epochs: int,
     max_train_steps: int,
     checkpoint: Path | None,
@@ -870,7 +990,8 @@ def log_training_plan(
 ):
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"Training on {num_train_samples} images for {num_epochs} epochs ({max_train_steps} optimizer steps of "
+        f"Training on {num_train_samples or 'a stream of'} images for "
+        f"{num_epochs if num_epochs < sys.maxsize else 'as many'} epochs ({max_train_steps} optimizer steps of "
         f"{total_batch_size} images: {args.per_device_train_batch_size} per device x {accelerator.num_processes} "
         f"processes x {args.gradient_accumulation_steps} accumulated), writing to {args.output_dir}"
     )
