@@ -98,7 +98,13 @@ def load_streaming_data(
     that, from the validation labels.
     """
     if dataset_name is not None:
-        split_names = datasets.get_dataset_split_names(dataset_name, dataset_config_name)
+        try:
+            split_names = datasets.get_dataset_split_names(dataset_name, dataset_config_name)
+        except Exception as error:
+            raise FinetuneError(
+                f"Could not open the dataset {dataset_name!r} on the Hugging Face Hub to stream it: {error}. Check the "
+                "name, your connection and that HF_HUB_OFFLINE is not set, or stream local shards with --train_dir."
+            ) from error
         if "validation" not in split_names:
             raise FinetuneError(
                 f"--streaming needs a validation split to evaluate on, and {dataset_name} has only {split_names}. "
