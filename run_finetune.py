@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None, train_batch_callback: Callable[[dict], N
             **eval_metrics,
         }
         progress.finish_epoch(record)
-        logger.info(f"epoch {epoch + 1}/{num_epochs}: " + format_metrics(record, exclude=("epoch",)))
+        of_epochs = f"/{num_epochs}" if num_epochs < sys.maxsize else ""  # a stream bound by --max_train_steps
+        logger.info(f"epoch {epoch + 1}{of_epochs}: " + format_metrics(record, exclude=("epoch",)))
         if args.with_tracking:
             accelerator.log(record, step=progress.completed_steps)
         if args.checkpointing_steps == "epoch":
