@@ -144,17 +144,16 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     """Train, evaluate and save a model as `argv` (default: the command line) describes; returns the final metrics.
 
     `on_event(name, values)`, if given, is called after every optimizer step (`"step"`: the step, the seconds since
-    the process started, and the training samples of each batch of the step, as indices in the training split) and
-    after every epoch's evaluation (`"epoch"`: the epoch's record, with the seconds it
+    the process started, and for each batch of the step its labels and its samples' indices in the training split,
+    which a stream lacks) and after every epoch's evaluation (`"epoch"`: the epoch's record, with the seconds it
     trained and the images it trained on): a seam for benchmarks and tests to observe the run.
     """
     args = parse_args(argv)
     import torch
-    from accelerate.utils import set_seed
+    from accelerate.utils import TorchDynamoPlugin, gather_object, set_seed
+    from datasets import DatasetDict
     from tqdm.auto import tqdm
     from transformers import get_scheduler
-
-    from accelerate.utils import TorchDynamoPlugin
 
     from finetune_utils import (
         SAMPLE_INDEX,
@@ -186,8 +185,19 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     if args.model_name_or_path is None:
         new_model_config(args, labels=[])  # a model the flags cannot build is refused before the data is read
     with accelerator.main_process_first():
-        dataset = load_image_dataset(args)
-    labels = dataset["train"].features[args.label_column_name].names
+        if args.streaming:
+            import streaming_data  # only streamed runs need torchdata
+
+            streams = streaming_data.load_streaming_data(
+                args.image_column_name, args.label_column_name, args.seed, train=args.train_dir,
+                validation=args.validation_dir, test=args.test_dir, dataset_name=args.dataset_name,
+                dataset_config_name=args.dataset_config_name, max_eval_samples=args.max_eval_samples,
+            )  # fmt: skip
+            dataset = DatasetDict(validation=streams.validation, **({"test": streams.test} if streams.test else {}))
+            labels = streams.labels
+        else:
+            dataset = load_image_dataset(args)
+            labels = dataset["train"].features[args.label_column_name].names
     model, image_processor = load_model(args, labels)
     hub_repo_id = create_hub_repo(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
 
@@ -195,9 +205,12 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     # one is decoded and augmented image by image in loader worker processes, as the loop asks for batches.
     train_transform, eval_transform = build_transforms(image_processor, model.config.num_channels, args)
     cores = cores_per_process(accelerator)
-    if args.verify_images:
+    if args.verify_images and not args.streaming:
         check_images(dataset, args.image_column_name, cores)
-    in_memory, reason = in_memory_plan(args.images_in_memory, dataset, train_transform, memory_budget())
+    if args.streaming:
+        in_memory, reason = False, "--streaming"
+    else:
+        in_memory, reason = in_memory_plan(args.images_in_memory, dataset, train_transform, memory_budget())
     logger.info(f"Images {'decoded once into memory' if in_memory else 'decoded as the loaders need them'}: {reason}")
     set_threads(args.num_threads, accelerator, cores, model.config, args.per_device_train_batch_size)
     if in_memory:
@@ -213,7 +226,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
             logger.warning(f"Skipping {len(bad_images)} image(s) that cannot be decoded: {shorten(bad_images)}")
     else:
         bad_images = []
-        train_dataset = lazy_split(number_samples(dataset["train"]), train_transform)
+        if not args.streaming:
+            train_dataset = lazy_split(number_samples(dataset["train"]), train_transform)
         eval_dataset = lazy_split(dataset["validation"], eval_transform)
         test_dataset = lazy_split(dataset["test"], eval_transform) if "test" in dataset else None
         collates = (collate_fn, collate_fn)
@@ -222,9 +236,22 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
             num_workers = default_num_workers(accelerator)
     logger.info(f"{num_workers} data loader worker process(es) and {torch.get_num_threads()} thread(s) per process")
     loader_options = {"num_workers": num_workers, "seed": args.seed, "device": accelerator.device}
-    train_dataloader = make_dataloader(
-        train_dataset, args.per_device_train_batch_size, **loader_options, shuffle=True, collate=collates[0]
-    )
+    if args.streaming:
+        # Its own loader, not prepared by Accelerate (which would split the shards a second time); it saves each
+        # process's stream position in the checkpoints.
+        train_dataloader = streaming_data.StreamLoader(
+            streams.train, train_transform, args.image_column_name, args.label_column_name, labels,
+            streams.labels_are_names, args.per_device_train_batch_size, num_workers, args.seed,
+            args.shuffle_buffer_size, accelerator.process_index, accelerator.num_processes, accelerator.device,
+            image_shape=(model.config.num_channels, *model.config.image_height_width),
+            on_bad_image=args.on_bad_image, any_process=flags_on_any_process(accelerator), gather=gather_object,
+        )  # fmt: skip
+        num_train_samples = streams.num_train_samples
+    else:
+        train_dataloader = make_dataloader(
+            train_dataset, args.per_device_train_batch_size, **loader_options, shuffle=True, collate=collates[0]
+        )
+        num_train_samples = len(dataset["train"])
     eval_dataloader = make_dataloader(eval_dataset, args.per_device_eval_batch_size, **loader_options, collate=collates[1])
     test_dataloader = None
     if test_dataset is not None:  # read once: its workers need not outlive it
@@ -234,27 +261,37 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         )  # fmt: skip
 
     # 3. Optimisation: AdamW, warmup then decay, everything placed on the devices by Accelerate.
-    steps_per_epoch = math.ceil(
-        math.ceil(len(train_dataset) / (args.per_device_train_batch_size * accelerator.num_processes))
-        / args.gradient_accumulation_steps
-    )
+    if args.streaming:
+        # An epoch is a pass over all shards. Its steps depend on which process reads which shards, so the schedule
+        # spans the most they can take (from the counted shards); the last pass ends it, or --max_train_steps does.
+        if args.max_train_steps is None and streams.shard_sizes is None:
+            raise FinetuneError("A streamed Hub dataset's size is not counted in advance: pass --max_train_steps.")
+        max_train_steps = args.max_train_steps or args.num_train_epochs * streams.max_steps_per_epoch(
+            accelerator.num_processes, num_workers, args.per_device_train_batch_size, args.gradient_accumulation_steps
+        )
+        num_epochs = sys.maxsize if args.max_train_steps else args.num_train_epochs
+    else:
+        # Each process gets as many batches, the last ones filled up with repeated images (Accelerate's even_batches).
+        batches = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * accelerator.num_processes))
+        steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     compiled, compile_reason = plan_compile(
-        args.torch_compile, model, args.per_device_train_batch_size,
-        args.max_train_steps or args.num_train_epochs * steps_per_epoch, accelerator.device, checkpoint,
-    )  # fmt: skip
+        args.torch_compile, model, args.per_device_train_batch_size, max_train_steps, accelerator.device, checkpoint
+    )
     logger.info(f"torch.compile {'on' if compiled else 'off'}: {compile_reason}")
     if compiled and args.torch_compile == "auto":
         accelerator.state.dynamo_plugin = TorchDynamoPlugin(backend="inductor")
     # The fused kernel updates all parameters in one call: about 10% faster steps for small models.
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate, fused=True)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
+    if args.streaming:
+        model, optimizer, eval_dataloader = accelerator.prepare(model, optimizer, eval_dataloader)
+    else:
+        model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, optimizer, train_dataloader, eval_dataloader
+        )
     if test_dataloader is not None:
         test_dataloader = accelerator.prepare(test_dataloader)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     lr_scheduler = accelerator.prepare(
         get_scheduler(
             args.lr_scheduler_type,
@@ -265,15 +302,17 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     )
 
     # 4. Pick up where a previous run stopped, or start a new one.
-    settings = resumed_settings(args, accelerator.num_processes, len(train_dataset))
+    settings = resumed_settings(args, accelerator.num_processes, num_train_samples)
     progress = TrainingProgress(settings=settings, planned_steps=max_train_steps, compiled=compiled)
     accelerator.register_for_checkpointing(progress)
+    if args.streaming:
+        accelerator.register_for_checkpointing(train_dataloader)
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, progress)
     prepare_output_dir(output_dir, checkpoint, args, accelerator)
     if args.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, tracker_config(args))
-    log_training_plan(args, accelerator, len(train_dataset), num_epochs, max_train_steps, checkpoint, progress)
+    log_training_plan(args, accelerator, num_train_samples, num_epochs, max_train_steps, checkpoint, progress)
 
     # 5. Train, evaluating after every epoch.
     start_time = time.perf_counter()
@@ -291,8 +330,9 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         seconds = time.perf_counter() - PROCESS_START
         first_step_seconds = first_step_seconds or seconds
         if on_event is not None:
-            samples = [batch[SAMPLE_INDEX].tolist() for batch in window]
-            on_event("step", {"step": progress.completed_steps, "seconds": seconds, "samples": samples})
+            samples = [batch[SAMPLE_INDEX].tolist() for batch in window if SAMPLE_INDEX in batch]
+            labels = [batch["labels"].tolist() for batch in window]
+            on_event("step", {"step": progress.completed_steps, "seconds": seconds, "samples": samples, "labels": labels})
 
     for epoch in range(progress.epoch, num_epochs):
         train_transform.epoch = epoch  # seeds this epoch's augmentations
@@ -309,6 +349,14 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         epoch_seconds = time.perf_counter() - epoch_start
         epoch_images = (progress.samples_seen - images_before) * accelerator.num_processes
         training_seconds, trained_images = training_seconds + epoch_seconds, trained_images + epoch_images
+        if args.streaming and train_dataloader.stop_reason:  # a bad image, with --on_bad_image stop
+            save_checkpoint(accelerator, model, output_dir, progress, args.checkpoints_total_limit, checkpoint)
+            raise FinetuneError(
+                f"Stopped at a bad training image: {train_dataloader.stop_reason}. The images trained on so far are "
+                f"saved in {output_dir}/checkpoint-{progress.completed_steps}. Replace or remove the image, then "
+                "continue with --resume_from_checkpoint latest (the run goes on after it); add --on_bad_image skip to "
+                "skip bad images without stopping."
+            )
         eval_metrics = run_evaluation(accelerator, model, eval_dataloader, prefix="eval")
         if not math.isfinite(eval_metrics["eval_loss"]):  # weights so large that the logits overflow
             what = f"the validation loss is {eval_metrics['eval_loss']} after step {progress.completed_steps}"
@@ -326,7 +374,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         progress.finish_epoch(record)
         if on_event is not None:
             on_event("epoch", {**record, "train_seconds": epoch_seconds, "train_images": epoch_images})
-        logger.info(f"epoch {epoch + 1}/{num_epochs}: " + format_metrics(record, exclude=("epoch",)))
+        of_epochs = f"/{num_epochs}" if num_epochs < sys.maxsize else ""  # a stream bound by --max_train_steps
+        logger.info(f"epoch {epoch + 1}{of_epochs}: " + format_metrics(record, exclude=("epoch",)))
         if args.with_tracking:
             accelerator.log(record, step=progress.completed_steps)
         if args.checkpointing_steps == "epoch":
@@ -341,7 +390,9 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     if test_dataloader is not None:
         results.update(run_evaluation(accelerator, model, test_dataloader, prefix="test"))
         logger.info("test: " + format_metrics({k: v for k, v in results.items() if k.startswith("test_")}))
-    results.update(train_samples=len(dataset["train"]), train_runtime=round(train_runtime, 2), torch_compile=compiled)
+    results.update(train_samples=num_train_samples, train_runtime=round(train_runtime, 2), torch_compile=compiled)
+    if args.streaming:
+        results["skipped_images"] = train_dataloader.total_skipped_images()
     # Images (on all processes) per second of the training epochs: what the data loading and the loop let the model
     # reach. Not transformers.Trainer's train_samples_per_second, whose time includes the evaluations.
     results["train_loop_samples_per_second"] = round(trained_images / training_seconds, 1) if trained_images else None
@@ -407,6 +458,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "other symbols.",
     )
     data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the training images instead of loading them, for data that does not fit in memory or on disk: "
+        "--train_dir is then a folder (or a glob) of Parquet files or WebDataset tar shards, or --dataset_name a Hub "
+        "dataset read shard by shard. The validation (required) and test splits are read as usual. Epochs are "
+        "passes over all shards; resuming continues each process's stream where it stopped.",
+    )
+    data.add_argument(
+        "--shuffle_buffer_size",
+        type=positive_int,
+        default=1000,
+        help="With --streaming: images that each loader worker reads ahead and shuffles together (kept encoded in "
+        "memory); the order of the shards is shuffled every epoch too.",
+    )
+    data.add_argument(
         "--images_in_memory",
         choices=("auto", "on", "off"),
         default="auto",
@@ -425,9 +491,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--on_bad_image",
         choices=("stop", "skip"),
         default="stop",
-        help="An image that cannot be decoded: `stop` names the file and stops (after saving a checkpoint of the "
-        "steps done, in a single-process run); `skip` leaves it out and counts it (`skipped_images` in "
-        "all_results.json).",
+        help="An image that cannot be decoded (or, in a stream, has an unknown class): `stop` names it and stops, "
+        "after saving a checkpoint of the steps done (unless several processes load images themselves); `skip` "
+        "leaves it out and counts it (`skipped_images` in all_results.json).",
     )
     data.add_argument(
         "--dataloader_num_workers",
@@ -627,6 +693,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass either --dataset_name or image folders (--train_dir, ...), not both")
     if (args.validation_dir or args.test_dir) and not args.train_dir:
         parser.error("--validation_dir and --test_dir need a --train_dir")
+    if args.streaming and not (args.train_dir or args.dataset_name):
+        parser.error("--streaming needs shards to stream: --train_dir (a folder or glob of shards) or --dataset_name")
+    if args.streaming and args.train_dir and not args.validation_dir:
+        parser.error("--streaming needs a --validation_dir of shards to evaluate on (and to read the classes from)")
+    if args.streaming and args.max_train_samples:
+        parser.error("--max_train_samples does not apply to --streaming; bound the run with --max_train_steps")
     if args.crop_scale[0] > args.crop_scale[1] or args.crop_scale[0] == 0:
         parser.error(f"--crop_scale {args.crop_scale[0]} {args.crop_scale[1]}: need 0 < MIN <= MAX <= 1")
     if args.output_dir is None:
@@ -1254,11 +1326,16 @@ def train_one_epoch(
 
     model.train()
     train_dataloader.set_epoch(progress.epoch)
-    # A resumed run skips the batches of this epoch it trained on before it stopped (the data order is seeded).
-    batches = skip_first_batches(train_dataloader, progress.batches_seen) if progress.batches_seen else train_dataloader
+    # A resumed run skips the batches of this epoch it trained on before it stopped (the data order is seeded); a
+    # stream's loader continues from the position saved in the checkpoint instead.
+    resumed = progress.batches_seen and not args.streaming
+    batches = skip_first_batches(train_dataloader, progress.batches_seen) if resumed else train_dataloader
     for window in accumulation_windows(batches, args.gradient_accumulation_steps):
-        window_loss_sum, window_samples = accumulate_gradients(accelerator, model, window, args.label_smoothing)
-        progress.skipped_images += sum(len(batch["labels"]) for batch in window) - window_samples
+        window_loss_sum, window_samples = accumulate_gradients(
+            accelerator, model, window, args.label_smoothing, uneven=args.streaming
+        )
+        if not args.streaming:  # a stream pads its last batches with unlabelled images, which are no bad images
+            progress.skipped_images += sum(len(batch["labels"]) for batch in window) - window_samples
         loss_everywhere = sum_over_processes(accelerator, window_loss_sum)  # all processes step, skip or stop alike
         if math.isfinite(loss_everywhere):
             if args.max_grad_norm > 0:
@@ -1299,6 +1376,17 @@ def sum_over_processes(accelerator: Accelerator, value: float) -> float:
     return accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=accelerator.device), "sum").item()
 
 
+def flags_on_any_process(accelerator: Accelerator) -> Callable[[list[bool]], list[bool]]:
+    """A function of this process's flags that says, for each, whether it is set on any process (one all-reduce)."""
+    import torch
+
+    def any_process(flags: list[bool]) -> list[bool]:
+        counts = accelerator.reduce(torch.tensor(flags, dtype=torch.int64, device=accelerator.device), "sum")
+        return (counts > 0).tolist()
+
+    return any_process
+
+
 def accumulation_windows(batches, size: int):
     """Groups consecutive batches into the windows of one optimizer step each; the last window may be shorter."""
     window = []
@@ -1311,19 +1399,31 @@ def accumulation_windows(batches, size: int):
         yield window
 
 
-def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float):
+def accumulate_gradients(
+    accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float, uneven: bool = False
+):
     """Forward and backward over the batches of one optimizer step; returns the window's summed loss and images.
 
     Each image's loss is divided by the images of the whole window, not of its batch, so the gradient equals that
     of one batch of all of them, however the window splits (a short last batch, a short last window). Processes
     synchronise their gradients once, after the last batch.
+
+    `uneven`: the processes may hold different numbers of images (a stream, at the end of an epoch or after skipping
+    bad images; its padding images, labelled -100, count for none). As the processes' gradients are averaged, each
+    divides by the mean number of images per process, so the update is still that of all the images together.
     """
+    import torch
     from torch import nn
 
     from finetune_utils import SKIPPED_LABEL
 
-    # Skipped images (--on_bad_image skip) carry SKIPPED_LABEL, which cross_entropy ignores; they count for nothing.
+    # Skipped images (--on_bad_image skip, a stream's padding) carry SKIPPED_LABEL, which cross_entropy ignores.
     num_samples = sum(int((batch["labels"] != SKIPPED_LABEL).sum()) for batch in window)
+    if uneven:
+        images = torch.tensor(float(num_samples), device=accelerator.device)
+        divisor = accelerator.reduce(images, "mean").clamp(min=1)
+    else:
+        divisor = max(num_samples, 1)
     loss_sum = 0.0
     for index, batch in enumerate(window):
         is_last = index == len(window) - 1
@@ -1332,7 +1432,7 @@ def accumulate_gradients(accelerator: Accelerator, model: nn.Module, window: lis
             losses = nn.functional.cross_entropy(
                 logits.float(), batch["labels"], label_smoothing=label_smoothing, reduction="sum"
             )
-            accelerator.backward(losses / max(num_samples, 1))
+            accelerator.backward(losses / divisor)
         loss_sum += losses.item()
     return loss_sum, num_samples
 
@@ -1366,7 +1466,7 @@ def run_evaluation(accelerator: Accelerator, model: nn.Module, dataloader: DataL
 def log_training_plan(
     args: argparse.Namespace,
     accelerator: Accelerator,
-    num_train_samples: int,
+    num_train_samples: int | None,
     num_epochs: int,
     max_train_steps: int,
     checkpoint: Path | None,
@@ -1374,7 +1474,8 @@ def log_training_plan(
 ):
     total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(
-        f"Training on {num_train_samples} images for {num_epochs} epochs ({max_train_steps} optimizer steps of "
+        f"Training on {num_train_samples or 'a stream of'} images for "
+        f"{num_epochs if num_epochs < sys.maxsize else 'as many'} epochs ({max_train_steps} optimizer steps of "
         f"{total_batch_size} images: {args.per_device_train_batch_size} per device x {accelerator.num_processes} "
         f"processes x {args.gradient_accumulation_steps} accumulated), writing to {args.output_dir}"
     )

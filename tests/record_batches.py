@@ -1,8 +1,8 @@
 """Runs `run_finetune.main()` and records which training samples this process put in each batch.
 
 Launched by tests/test_run_finetune_distributed.py on several processes; writes `<RECORD_DIR>/rank<N>.json` with the
-process's rank, the world size and the sample indices of every training batch, in order, as the run reports them
-after each step.
+process's rank, the world size, and the sample indices and the labels of every training batch, in order, as the run
+reports them after each step (a stream's batches have no sample indices).
 """
 
 import json
@@ -16,15 +16,16 @@ import run_finetune  # noqa: E402
 
 
 def main():
-    batches = []
+    batches, labels = [], []
 
     def record(event: str, values: dict):
         if event == "step":
             batches.extend(values["samples"])
+            labels.extend(values["labels"])
 
     run_finetune.main(on_event=record)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    record = {"rank": rank, "world_size": world_size, "train_batches": batches}
+    record = {"rank": rank, "world_size": world_size, "train_batches": batches, "train_labels": labels}
     Path(os.environ["RECORD_DIR"], f"rank{rank}.json").write_text(json.dumps(record))
 
 
