@@ -42,6 +42,7 @@ from transformers import ViTImageProcessor, get_scheduler
 import convert_checkpoint
 from convert_checkpoint import shorten
 from configuration_vit_custom import PRESETS, ViTCustomConfig
+from explain_figures import DPI, rollout_figure
 from finetune_utils import (
     FinetuneError,
     build_transforms,
@@ -72,10 +73,13 @@ RUN_OUTPUTS = (
     "README.md",
     "all_results.json",
     "training_curves.png",
+    "attention_rollout.png",
     "runs",
     "tmp",
 )
 TRACKER_PROJECT = "vit-custom"
+# Validation images in the attention rollout figure of the output folder and model card.
+ROLLOUT_IMAGES = 8
 
 # The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
 # are upscaled to 16 px and cut into 4x4 patches (16 tokens, each covering 2x2 original pixels).
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot_training_curves(progress.history, output_dir / "training_curves.png")
+        plot_attention_rollout(output_dir, eval_dataset, image_processor)
         write_model_card(output_dir, args, accelerator.unwrap_model(model).config, results, hub_repo_id)
         if hub_repo_id is not None:
             push_to_hub(output_dir, hub_repo_id, args, accelerator.unwrap_model(model).config, results)
@@ -905,6 +910,19 @@ def save_model(accelerator: Accelerator, model: nn.Module, image_processor: ViTI
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
+
+
+def plot_attention_rollout(output_dir: Path, eval_dataset: datasets.Dataset, image_processor: ViTImageProcessor):
+    """The attention rollout of the first validation images, as `attention_rollout.png`.
+
+    Drawn by the saved model, reloaded on the CPU, so that neither a training wrapper (compile, FSDP, mixed precision)
+    nor the devices change what the figure shows.
+    """
+    model = ViTCustomForImageClassification.from_pretrained(output_dir).eval()
+    samples = eval_dataset[:ROLLOUT_IMAGES]
+    mean, std = image_processor.image_mean, image_processor.image_std
+    figure = rollout_figure(model, samples["pixel_values"], mean, std, labels=samples["labels"])
+    figure.savefig(output_dir / "attention_rollout.png", dpi=DPI)
 
 
 if __name__ == "__main__":
