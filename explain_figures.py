@@ -90,7 +90,7 @@ def overlay_figure(
     axes = figure.subplots(2, len(images), squeeze=False)
     for column, (image, heat, title) in enumerate(zip(images, scaled, titles, strict=True)):
         show_image(axes[0, column], image)
-        axes[0, column].set_title(title, fontsize=9)
+        axes[0, column].set_title(title, fontsize=8)
         artist = overlay(axes[1, column], image, heat, Normalize(vmin=0.0, vmax=1.0))
     figure.colorbar(artist, ax=axes.ravel().tolist(), label=colorbar_label, shrink=0.8, pad=0.01)
     figure.suptitle(heading, fontsize=10)
@@ -216,8 +216,9 @@ def input_grid(config, pixel_values: torch.Tensor) -> tuple[int, int]:
 
 
 def class_name(config, index: int) -> str:
+    """The class's name, shortened to fit a panel title."""
     name = str(config.id2label.get(int(index), index))
-    return name if len(name) <= 18 else name[:17] + "…"
+    return name if len(name) <= 12 else name[:11] + "…"
 
 
 def pooled_reader(config) -> str:
