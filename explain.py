@@ -89,11 +89,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "model", help="A vit-custom model folder (e.g. run_finetune.py's output), a transformers ViT or timm "
+        "model",
+        help="A vit-custom model folder (e.g. run_finetune.py's output), a transformers ViT or timm "
         "checkpoint, or a Hub repo id.",
     )
     parser.add_argument(
@@ -101,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Image files to explain, in any format and size Pillow reads. Default: for a model that run_finetune.py "
         "trained on the digits, the first --num_images images of the digits' test split, which training never sees.",
     )  # fmt: skip
-    parser.add_argument("--num_images", type=positive_int, default=8, help="How many default images to explain.")
+    parser.add_argument(
+        "--num_images", type=positive_int, default=8, help="How many default images to explain (default: 8)."
+    )
     parser.add_argument(
         "--output_dir", type=Path, help="Where to write the figures (default: explanations/<model folder name>)."
     )
@@ -117,15 +118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The class whose gradient weights the gradient rollout (default: each image's predicted class).",
     )  # fmt: skip
     parser.add_argument(
-        "--head_fusion", choices=HEAD_FUSIONS, default="mean", help="How the rollout fuses each layer's heads."
+        "--head_fusion",
+        choices=HEAD_FUSIONS,
+        default="mean",
+        help="How the rollout fuses each layer's heads (default: mean).",
     )
     parser.add_argument(
         "--discard_ratio", type=float, default=0.0,
-        help="Fraction of each layer's lowest fused attention weights the rollouts set to zero, in [0, 1).",
+        help="Fraction of each layer's lowest fused attention weights the rollouts set to zero, in [0, 1) (default: 0).",
     )  # fmt: skip
     parser.add_argument(
         "--num_components", type=positive_int, default=28,
-        help="Principal components of the patch embedding filters to show (at most what the filters have).",
+        help="Principal components of the patch embedding filters to show, at most what the filters have "
+        "(default: 28).",
     )  # fmt: skip
     return parser.parse_args(argv)
 

@@ -5,6 +5,7 @@ Every function returns a `matplotlib.figure.Figure` (no pyplot: no global state,
 """
 
 from collections.abc import Sequence
+
 import numpy as np
 import torch
 from matplotlib.colors import Normalize, PowerNorm
@@ -17,6 +18,7 @@ HEAT_MAP = "inferno"
 OVERLAY_ALPHA = 0.6
 PANEL_INCHES = 1.5
 DPI = 100
+ROLLOUT_SCALE = "rollout, from each image's\nlowest to highest patch"
 
 
 def rollout_figure(
@@ -50,7 +52,7 @@ def rollout_figure(
         titles,
         heading=f"Attention rollout to the {pooled_reader(config)} ({head_fusion} over heads, discard ratio "
         f"{discard_ratio})",
-        colorbar_label="rollout, from each image's\nlowest to highest patch",
+        colorbar_label=ROLLOUT_SCALE,
     )
 
 
@@ -71,7 +73,7 @@ def gradient_rollout_figure(
         explain.patch_map(rollout, input_grid(config, pixel_values), config.num_prefix_tokens, config.pooling),
         [f"{which}\n{class_name(config, index)}" for index in classes.tolist()],
         heading=f"Gradient-weighted attention rollout to the {pooled_reader(config)} (discard ratio {discard_ratio})",
-        colorbar_label="rollout, from each image's\nlowest to highest patch",
+        colorbar_label=ROLLOUT_SCALE,
     )
 
 
@@ -123,7 +125,10 @@ def attention_maps_figure(
 
 
 def position_similarity_figure(similarity: torch.Tensor) -> Figure:
-    """`(grid_h, grid_w, grid_h, grid_w)` cosine similarities: a panel per patch, placed where the patch is."""
+    """`(grid_h, grid_w, grid_h, grid_w)` cosine similarities: a panel per patch, placed where the patch is.
+
+    Rows and columns are numbered from 1, as in the ViT paper's figure.
+    """
     rows, columns = similarity.shape[:2]
     side = min(PANEL_INCHES, 9.0 / max(rows, columns))
     figure = Figure(figsize=(side * columns + 1.4, side * rows + 0.9), layout="constrained")
@@ -185,9 +190,7 @@ def filter_components_figure(components: torch.Tensor, explained: torch.Tensor) 
     return figure
 
 
-def display_images(
-    pixel_values: torch.Tensor, image_mean: Sequence[float], image_std: Sequence[float]
-) -> np.ndarray:
+def display_images(pixel_values: torch.Tensor, image_mean: Sequence[float], image_std: Sequence[float]) -> np.ndarray:
     """The images as the model sees them, the normalisation undone: `(batch, height, width[, 3])` in [0, 1]."""
     mean = torch.as_tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.as_tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -205,9 +208,7 @@ def overlay(axis, image: np.ndarray, heat: torch.Tensor, norm: Normalize):
     height, width = image.shape[:2]
     extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the image's own pixel-centre coordinates
     show_image(axis, image)
-    return axis.imshow(
-        heat, cmap=HEAT_MAP, norm=norm, alpha=OVERLAY_ALPHA, interpolation="nearest", extent=extent
-    )
+    return axis.imshow(heat, cmap=HEAT_MAP, norm=norm, alpha=OVERLAY_ALPHA, interpolation="nearest", extent=extent)
 
 
 def input_grid(config, pixel_values: torch.Tensor) -> tuple[int, int]:

@@ -117,7 +117,13 @@ def gradient_rollout(
     if not hasattr(model, "classifier") or num_labels == 0:
         raise ValueError("gradient_rollout needs a classifier: a ViTCustomForImageClassification with num_labels > 0.")
     if class_index is not None:
-        check_indices(torch.as_tensor(class_index).flatten().tolist(), num_labels, "class", allow_negative=False)
+        wanted = torch.as_tensor(class_index).flatten().tolist()
+        check_indices(wanted, num_labels, "class", allow_negative=False)
+        if len(wanted) not in (1, len(pixel_values)):
+            raise ValueError(
+                f"class_index names {len(wanted)} classes for {len(pixel_values)} images: give one for all, or one "
+                "per image."
+            )
     with torch.enable_grad():
         outputs = model(pixel_values.to(model.device), output_attentions=True)
         if class_index is None:

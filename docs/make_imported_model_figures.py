@@ -3,8 +3,8 @@
 
 No pretrained ViT can be downloaded on this project's machines, so a small timm `VisionTransformer` (64 px, 8 px
 patches, 4 blocks of width 96, 3 heads) is fitted for 300 steps (minutes on 2 CPU cores) to tell six of
-scikit-image's sample photos apart from random crops of them. It is saved the way timm saves to the Hub, then `explain.py` imports it through
-`convert_checkpoint` and explains it on the full photos:
+scikit-image's sample photos apart from random crops of them. It is saved the way timm saves to the Hub, then
+`explain.py` imports it through `convert_checkpoint` and explains it on the full photos:
 
     python docs/make_imported_model_figures.py docs/explain/timm
 """
@@ -22,7 +22,7 @@ from timm.models._hub import save_for_hf
 from torchvision.transforms import v2 as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import explain  # noqa: E402
+import explain  # noqa: E402  (after the repository is on the path)
 
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")

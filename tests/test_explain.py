@@ -43,7 +43,9 @@ def reference_forward(model, pixel_values) -> tuple[torch.Tensor, list[torch.Ten
     """Logits and the attention matrix of every layer, softmax(Q K^T / sqrt(d)), in float64 from the weights."""
     config, weights = model.config, {name: value.double() for name, value in model.state_dict().items()}
     heads, hidden = config.num_attention_heads, config.hidden_size
-    layer_norm = functools.partial(torch.nn.functional.layer_norm, normalized_shape=(hidden,), eps=config.layer_norm_eps)
+    layer_norm = functools.partial(
+        torch.nn.functional.layer_norm, normalized_shape=(hidden,), eps=config.layer_norm_eps
+    )
     grid = torch.nn.functional.conv2d(
         pixel_values.double(),
         weights["vit.embeddings.patch_embeddings.projection.weight"],
@@ -140,7 +142,9 @@ def test_attention_maps_equal_the_softmax_of_queries_and_keys():
     maps = ex.attention_maps(model, pixel_values)
     assert maps.shape == (2, 2, 4, 17, 17)
     torch.testing.assert_close(maps, torch.stack(expected).float(), rtol=0, atol=1e-5)
-    torch.testing.assert_close(ex.attention_maps(model, pixel_values, layers=[-1], heads=[2, 0]), maps[[1]][:, :, [2, 0]])
+    torch.testing.assert_close(
+        ex.attention_maps(model, pixel_values, layers=[-1], heads=[2, 0]), maps[[1]][:, :, [2, 0]]
+    )
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -268,7 +272,9 @@ def test_reshape_transform_lays_out_patch_tokens_as_a_feature_map(num_prefix_tok
     assert feature_map.shape == (2, 7, *grid)
     for row in range(grid[0]):
         for column in range(grid[1]):
-            torch.testing.assert_close(feature_map[:, :, row, column], tokens[:, num_prefix_tokens + row * grid[1] + column])
+            torch.testing.assert_close(
+                feature_map[:, :, row, column], tokens[:, num_prefix_tokens + row * grid[1] + column]
+            )
 
 
 class LogitsOnly(torch.nn.Module):
@@ -402,19 +408,26 @@ def test_bad_images_are_errors_that_name_the_value():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: ex.attention_maps(m, images(), layers=[2]), "layer 2 is out of range: the model has 2 layers, "
-         "numbered 0 to 1, or -2 to -1 from the end"),
+        (
+            lambda m: ex.attention_maps(m, images(), layers=[2]),
+            "layer 2 is out of range: the model has 2 layers, numbered 0 to 1, or -2 to -1 from the end",
+        ),
         (lambda m: ex.attention_maps(m, images(), heads=[-5]), "head -5 is out of range: the model has 4 heads"),
-        (lambda m: ex.gradient_rollout(m, images(), class_index=5), "class 5 is out of range: the model has 5 "
-         "classes, numbered 0 to 4"),
+        (
+            lambda m: ex.gradient_rollout(m, images(), class_index=5),
+            "class 5 is out of range: the model has 5 classes, numbered 0 to 4",
+        ),
         (lambda m: ex.gradient_rollout(m, images(), class_index=-1), "class -1 is out of range"),
+        (lambda m: ex.gradient_rollout(m, images(), class_index=[1, 2, 3]), "names 3 classes for 2 images"),
         (lambda m: ex.attention_rollout(ex.attention_maps(m, images()), "median"), "head_fusion='median' is unknown"),
         (lambda m: ex.attention_rollout(ex.attention_maps(m, images()), discard_ratio=1.0), "discard_ratio=1.0"),
         (lambda m: ex.patch_embedding_components(m, 49), "num_components=49 is out of range: .* 1 to 32"),
-        (lambda m: ex.mean_attention_distance(ex.attention_maps(m, images()), (3, 3), 4, 1), "17 tokens don't "
-         r"match a 3x3 patch grid"),
-    ],  # fmt: skip
-    ids=["layer", "head", "class", "negative-class", "fusion", "discard", "components", "grid"],
+        (
+            lambda m: ex.mean_attention_distance(ex.attention_maps(m, images()), (3, 3), 4, 1),
+            "17 tokens don't match a 3x3 patch grid",
+        ),
+    ],
+    ids=["layer", "head", "class", "negative-class", "class-count", "fusion", "discard", "components", "grid"],
 )
 def test_out_of_range_arguments_are_errors_that_name_the_valid_range(call, message):
     with pytest.raises(ValueError, match=message):
