@@ -367,16 +367,15 @@ def save_model_folder(folder, num_channels: int = 3, trained_on_digits: bool = F
 
 def test_command_writes_every_figure_for_the_digits_test_images_by_default(tmp_path):
     save_model_folder(tmp_path / "model", num_channels=1, trained_on_digits=True)
-    paths = explain.main([str(tmp_path / "model"), "--num_images", "2", "--output_dir", str(tmp_path / "figures")])
+    paths = explain.main([str(tmp_path / "model"), "--num_images", "1", "--output_dir", str(tmp_path / "figures")])
     names = sorted(path.name for path in paths)
     assert names == [
-        "attention_maps_0_digit0.png", "attention_maps_1_digit1.png", "attention_rollout.png",
-        "gradient_rollout.png", "mean_attention_distance.png", "patch_embedding_filters.png",
-        "position_embedding_similarity.png",
+        "attention_maps_0_digit0.png", "attention_rollout.png", "gradient_rollout.png", "mean_attention_distance.png",
+        "patch_embedding_filters.png", "position_embedding_similarity.png",
     ]  # fmt: skip
     for path in paths:
         with Image.open(path) as figure:
-            assert figure.format == "PNG" and figure.width > 300
+            assert figure.format == "PNG" and figure.width > 200
 
 
 def test_command_explains_image_files_of_any_size_and_mode(tmp_path):
