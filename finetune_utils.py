@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 # The digits' train/test split is fixed, so that runs with different --seed values are scored on the same images.
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+# How model cards name the digits.
+DIGITS_DATASET_ID = "sklearn-digits"
 
 # Where launchers say how many processes run on this machine: torchrun and `accelerate launch`, then MPI's.
 LOCAL_PROCESS_COUNT_VARIABLES = ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"]
@@ -548,6 +550,14 @@ A Vision Transformer ([vit-custom](https://huggingface.co/docs/transformers/cust
 
 ![Training curves](training_curves.png)
 
+## What the model looks at
+
+Attention rollout ([Abnar & Zuidema, 2020](https://arxiv.org/abs/2005.00928)) of a few validation images: how much
+the pooled image vector draws from each patch through all the layers. vit-custom's `explain.py` draws more (every
+head's attention, the ViT paper's Figure 7).
+
+![Attention rollout](attention_rollout.png)
+
 ## How to use
 
 The model code lives in this repository, so loading it runs that code on your machine: pin the `revision` to a commit
@@ -672,7 +682,7 @@ def describe_dataset(args: argparse.Namespace) -> tuple[str, str]:
         return args.dataset_name, args.dataset_name
     if args.train_dir:
         return "imagefolder", f"local images ({args.train_dir.name})"
-    return "sklearn-digits", "scikit-learn's handwritten digits (8x8 grayscale, 10 classes)"
+    return DIGITS_DATASET_ID, "scikit-learn's handwritten digits (8x8 grayscale, 10 classes)"
 
 
 def create_hub_repo(args: argparse.Namespace, output_dir: Path) -> str:

@@ -236,9 +236,10 @@ class ViTCustomAttention(nn.Module):
         # Split on the "3" axis itself, so that backward stacks the three gradients straight into qkv's layout.
         query, key, value = (states.transpose(1, 2) for states in qkv.unbind(2))
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        # Only the eager computation materialises the attention weights: a call that asks for them runs it, every
+        # other call keeps the configured backend (SDPA, flash, flex).
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query,

@@ -71,6 +71,7 @@ RUN_OUTPUTS = (
     "README.md",
     "all_results.json",
     "training_curves.png",
+    "attention_rollout.png",
     "runs",
     "tmp",
 )
@@ -109,6 +110,8 @@ RESUMED_FLAGS = (
     "lr_scheduler_type",
     "warmup_steps",
 )
+# Validation images in the attention rollout figure of the output folder and model card.
+ROLLOUT_IMAGES = 8
 
 # The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
 # are upscaled to 16 px and cut into 4x4 patches (16 tokens, each covering 2x2 original pixels).
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     import torch
     from accelerate.utils import TorchDynamoPlugin, gather_object, set_seed
     from datasets import DatasetDict
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -406,6 +410,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot_training_curves(progress.history, output_dir / "training_curves.png")
+        first_images = next(iter(DataLoader(eval_dataset, batch_size=ROLLOUT_IMAGES, collate_fn=collates[1])))
+        plot_attention_rollout(output_dir, first_images, image_processor)
         write_model_card(output_dir, args, accelerator.unwrap_model(model).config, results, hub_repo_id)
         if hub_repo_id is not None:
             push_to_hub(output_dir, hub_repo_id, args, accelerator.unwrap_model(model).config, results)
@@ -1512,6 +1518,21 @@ def save_model(accelerator: Accelerator, model: nn.Module, image_processor: ViTI
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
+
+
+def plot_attention_rollout(output_dir: Path, batch: dict, image_processor: ViTImageProcessor):
+    """The attention rollout of a batch of validation images, as `attention_rollout.png`.
+
+    Drawn by the saved model, reloaded on the CPU, so that neither a training wrapper (compile, FSDP, mixed precision)
+    nor the devices change what the figure shows.
+    """
+    from explain_figures import DPI, rollout_figure
+    from modeling_vit_custom import ViTCustomForImageClassification
+
+    model = ViTCustomForImageClassification.from_pretrained(output_dir).eval()
+    mean, std = image_processor.image_mean, image_processor.image_std
+    figure = rollout_figure(model, batch["pixel_values"], mean, std, labels=batch["labels"].tolist())
+    figure.savefig(output_dir / "attention_rollout.png", dpi=DPI)
 
 
 if __name__ == "__main__":

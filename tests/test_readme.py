@@ -43,3 +43,8 @@ def test_trainer_example_learns_the_digits(tmp_path):
     losses = [entry["loss"] for entry in report["log"] if "loss" in entry]
     assert losses[-1] < losses[0] / 3
     assert report["eval"]["eval_accuracy"] >= 0.9
+
+
+def test_explain_example_returns_attention_under_sdpa_and_runs_grad_cam(tmp_path):
+    result = run_example("explain", tmp_path)
+    assert result.stdout.split() == ["12", "(2,", "112,", "112)"]

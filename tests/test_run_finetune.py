@@ -42,6 +42,7 @@ SHAREABLE_FILES = (
     "README.md",
     "all_results.json",
     "training_curves.png",
+    "attention_rollout.png",
 )
 
 
@@ -84,6 +85,9 @@ def test_default_command_trains_on_digits_and_saves_a_folder_ready_to_share(tmp_
 
     with Image.open(output_dir / "training_curves.png") as curves:
         assert curves.format == "PNG" and curves.width > 500
+    assert "![Attention rollout](attention_rollout.png)" in card.text
+    with Image.open(output_dir / "attention_rollout.png") as rollout:
+        assert rollout.format == "PNG" and rollout.width > 500
 
     # The folder loads in a process that never imported the model code (this one uses the copies in the folder).
     model = AutoModelForImageClassification.from_pretrained(output_dir, trust_remote_code=True)
