@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,6 +66,25 @@ def run_script(*argv, timeout: float = 300, **popen_kwargs) -> subprocess.Comple
         env=script_env(),
         **popen_kwargs,
     )
+
+
+def kill_at_checkpoint(argv: list, output_dir: Path, checkpoint: str, log_path: Path):
+    """Run `python run_finetune.py argv --output_dir output_dir` and SIGKILL it once `checkpoint` exists in the folder,
+    as a crash or a preempted job would stop it; asserts that it was still running then and wrote no results."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "run_finetune.py"), *map(str, argv), "--output_dir", str(output_dir)],
+            cwd=REPO_ROOT, env=script_env(), stdout=log, stderr=log,
+        )  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not (output_dir / checkpoint).exists():
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {checkpoint} within 4 minutes"
+            time.sleep(0.01)
+        assert process.poll() is None, "the run finished before it could be killed"
+        process.kill()
+        process.wait()
+    assert not (output_dir / "all_results.json").exists()
 
 
 def script_env() -> dict:

@@ -3,15 +3,11 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO_ROOT
-from finetune_helpers import TINY_MODEL, fresh_accelerate_state, run_main, script_env
+from finetune_helpers import TINY_MODEL, fresh_accelerate_state, kill_at_checkpoint, run_main
 from safetensors.torch import load_file
 
 import run_finetune
@@ -29,20 +25,8 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     run_main(*RESUMABLE_RUN, "--output_dir", tmp_path / "reference")
 
     killed_dir = tmp_path / "killed"
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "run_finetune.py"), *map(str, RESUMABLE_RUN), "--output_dir", killed_dir],
-            cwd=REPO_ROOT, env=script_env(), stdout=log, stderr=log,
-        )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while not (killed_dir / "checkpoint-4").exists():  # mid-way through the first epoch
-            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
-            time.sleep(0.01)
-        assert process.poll() is None, "the run finished before it could be killed"
-        process.kill()
-        process.wait()
-    assert not (killed_dir / "all_results.json").exists()
+    # Mid-way through the first epoch.
+    kill_at_checkpoint(RESUMABLE_RUN, killed_dir, "checkpoint-4", tmp_path / "killed.log")
 
     run_main(*RESUMABLE_RUN, "--output_dir", killed_dir, "--resume_from_checkpoint", "latest")
 

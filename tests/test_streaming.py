@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import datasets
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
-from finetune_helpers import TINY_MODEL, run_main, script_env
+from finetune_helpers import TINY_MODEL, kill_at_checkpoint, run_main, script_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -151,21 +150,8 @@ def test_a_killed_stream_resumes_where_it_stopped_to_the_same_weights(tmp_path):
     run_main(*resumable_run(shards), "--output_dir", tmp_path / "reference")
 
     killed_dir = tmp_path / "killed"
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "run_finetune.py"), *map(str, resumable_run(shards))]
-            + ["--output_dir", str(killed_dir)],
-            cwd=REPO_ROOT, env=script_env(), stdout=log, stderr=log,
-        )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while not (killed_dir / "checkpoint-4").exists():  # mid-way through the first epoch
-            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
-            time.sleep(0.01)
-        assert process.poll() is None, "the run finished before it could be killed"
-        process.kill()
-        process.wait()
-    assert not (killed_dir / "all_results.json").exists()
+    # Mid-way through the first epoch.
+    kill_at_checkpoint(resumable_run(shards), killed_dir, "checkpoint-4", tmp_path / "killed.log")
 
     resumed = run_main(*resumable_run(shards), "--output_dir", killed_dir, "--resume_from_checkpoint", "latest")
     assert resumed["epoch"] == 3
