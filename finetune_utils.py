@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import math
 import os
 import shlex
 from collections.abc import Callable
@@ -231,7 +232,7 @@ def carve_validation_split(dataset: DatasetDict, fraction: float, label_column: 
     train = dataset["train"]
     try:
         try:
-            split = train.train_test_split(test_size=fraction, stratify_by_column=label_column, seed=seed)
+            split = stratified_split(train, fraction, label_column, seed)
         except ValueError:  # a class with a single image cannot be stratified
             split = train.train_test_split(test_size=fraction, seed=seed)
     except ValueError as error:
@@ -240,6 +241,30 @@ def carve_validation_split(dataset: DatasetDict, fraction: float, label_column: 
             "a --validation_dir, or a larger --train_val_split."
         ) from error
     return DatasetDict({**dataset, "train": split["train"], "validation": split["test"]})
+
+
+def column(split: Dataset, name: str) -> np.ndarray:
+    """One column as an array, read at once (`split[name]` is read row by row when listed: seconds per 100,000)."""
+    return split.with_format("numpy", columns=[name])[:][name]
+
+
+def stratified_split(split: Dataset, test_fraction: float, label_column: str, seed: int) -> DatasetDict:
+    """`split.train_test_split(test_size=test_fraction, stratify_by_column=label_column, seed=seed)`: the same
+    indices, drawn by the same `datasets` function, but with the labels read as one column (datasets 5 reads them
+    row by row there: 25 s for 100,000 images)."""
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+    labels = column(split, label_column)
+    num_test = math.ceil(test_fraction * len(labels))
+    if not 0 < num_test < len(labels):
+        raise ValueError(f"a fraction of {test_fraction} leaves no image on one side")
+    try:
+        train_indices, test_indices = next(stratified_shuffle_split_generate_indices(
+            labels, len(labels) - num_test, num_test, rng=np.random.default_rng(seed)
+        ))  # fmt: skip
+    except Exception as error:  # datasets raises a bare Exception for a class of one image
+        raise ValueError(str(error)) from error
+    return DatasetDict({"train": split.select(train_indices), "test": split.select(test_indices)})
 
 
 def subsample(split: Dataset, max_samples: int, seed: int) -> Dataset:
@@ -431,7 +456,8 @@ def load_in_memory(
         if converted:
             counts = ", ".join(f"{count} {mode}" for mode, count in sorted(converted.items()))
             logger.info(f"{name}: converted {counts} image(s) to {train_transform.image_mode}")
-        labels = torch.tensor(split[train_transform.label_column])[kept] if kept else torch.empty(0, dtype=torch.long)
+        labels = column(split, train_transform.label_column)
+        labels = torch.from_numpy(labels.astype(np.int64))[kept] if kept else torch.empty(0, dtype=torch.long)
         splits[name] = image_data.InMemoryImages(images, labels)
         bad.extend(split_bad)
     return splits, bad

@@ -153,9 +153,15 @@ def _undecoded(dataset, image_column: str):
     return datasets.Image(decode=False, mode=getattr(dataset.features[image_column], "mode", None))
 
 
+def undecoded_images(dataset, image_column: str) -> list[dict]:
+    """Every image of `dataset` as its `{"bytes", "path"}` value, read as one column."""
+    undecoded = dataset.cast_column(image_column, _undecoded(dataset, image_column))
+    return undecoded.with_format(None, columns=[image_column])[:][image_column]
+
+
 def find_bad_images(dataset, image_column: str, processes: int = 1) -> list[str]:
     """Decode every image of `dataset` in `processes` worker processes; one message per file that cannot be decoded."""
-    values = dataset.cast_column(image_column, _undecoded(dataset, image_column))[image_column]
+    values = undecoded_images(dataset, image_column)
     chunk = max(1, math.ceil(len(values) / (processes * 8)))
     jobs = [values[start : start + chunk] for start in range(0, len(values), chunk)]
     return [message for messages in _map(_check_chunk, jobs, processes) for message in messages]
@@ -191,7 +197,7 @@ def decode_all(
         The tensor of the decodable images, their indices in `dataset`, one message per bad file, and the count of
         each source image mode.
     """
-    values = dataset.cast_column(image_column, _undecoded(dataset, image_column))[image_column]
+    values = undecoded_images(dataset, image_column)
     chunk = max(1, math.ceil(len(values) / (processes * 8)))
     jobs = [(values[start : start + chunk], mode, size, prepare) for start in range(0, len(values), chunk)]
     results = _map(_decode_chunk, jobs, processes)
