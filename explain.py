@@ -125,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--discard_ratio", type=float, default=0.0,
-        help="Fraction of each layer's lowest fused attention weights the rollouts set to zero, in [0, 1) (default: 0).",
+        help="Fraction of each layer's lowest fused attention weights the rollouts set to zero, in [0, 1) "
+        "(default: 0).",
     )  # fmt: skip
     parser.add_argument(
         "--num_components", type=positive_int, default=28,

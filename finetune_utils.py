@@ -123,7 +123,7 @@ def load_image_folders(**folders: Path | None) -> DatasetDict:
         if any((folder / name).is_file() for name in image_data.METADATA_FILES):
             return load_dataset("imagefolder", data_dir=None, data_files=metadata_data_files(folders))
         paths, classes, others, empty = image_data.list_image_folder(folder)
-        loose = [name for name in others if "/" not in name and Path(name).suffix.lower() in image_data.IMAGE_EXTENSIONS]
+        loose = [n for n in others if "/" not in n and Path(n).suffix.lower() in image_data.IMAGE_EXTENSIONS]
         if not paths:
             found = f"only {len(others)} other file(s): {shorten(others, limit=3)}" if others else "no class sub-folder"
             raise FinetuneError(
@@ -353,7 +353,8 @@ class TrainTransform(EvalTransform):
         seeds = [hash((self.seed, epoch, index)) % 2**63 for index in batch[SAMPLE_INDEX]]
         with torch.random.fork_rng(devices=[]):  # leaves the global generator, which dropout draws from, untouched
             images, labels = self.prepare_images(batch, seeds)
-        return {"pixel_values": self.normalize(torch.stack(images)), "labels": labels, SAMPLE_INDEX: batch[SAMPLE_INDEX]}
+        pixel_values = self.normalize(torch.stack(images))
+        return {"pixel_values": pixel_values, "labels": labels, SAMPLE_INDEX: batch[SAMPLE_INDEX]}
 
 
 def build_transforms(

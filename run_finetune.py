@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
             train_dataset, args.per_device_train_batch_size, **loader_options, shuffle=True, collate=collates[0]
         )
         num_train_samples = len(dataset["train"])
-    eval_dataloader = make_dataloader(eval_dataset, args.per_device_eval_batch_size, **loader_options, collate=collates[1])
+    eval_dataloader = make_dataloader(
+        eval_dataset, args.per_device_eval_batch_size, **loader_options, collate=collates[1]
+    )
     test_dataloader = None
     if test_dataset is not None:  # read once: its workers need not outlive it
         test_dataloader = make_dataloader(
@@ -336,7 +338,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         if on_event is not None:
             samples = [batch[SAMPLE_INDEX].tolist() for batch in window if SAMPLE_INDEX in batch]
             labels = [batch["labels"].tolist() for batch in window]
-            on_event("step", {"step": progress.completed_steps, "seconds": seconds, "samples": samples, "labels": labels})
+            step = progress.completed_steps
+            on_event("step", {"step": step, "seconds": seconds, "samples": samples, "labels": labels})
 
     for epoch in range(progress.epoch, num_epochs):
         train_transform.epoch = epoch  # seeds this epoch's augmentations
@@ -919,7 +922,9 @@ def plan_compile(
     return saved > compile_seconds, reason
 
 
-def time_training_steps(model: nn.Module, batch_size: int, device: torch.device, repeats: int = 3) -> tuple[float, float]:
+def time_training_steps(
+    model: nn.Module, batch_size: int, device: torch.device, repeats: int = 3
+) -> tuple[float, float]:
     """Seconds of one forward and backward pass on a random batch (the median of `repeats`) and of the first one
     (which compiles a compiled model). The weights, gradients and random generators are left as they were."""
     import torch
@@ -1252,7 +1257,8 @@ def load_model(
 
 
 def new_model_config(args: argparse.Namespace, labels: list[str]) -> ViTCustomConfig:
-    """The configuration of a new model for `labels`: the --preset (default: the digits model) with the flags' values."""
+    """The configuration of a new model for `labels`: the --preset (default: the digits model) with the flags'
+    values."""
     from configuration_vit_custom import PRESETS, ViTCustomConfig
 
     base = PRESETS[args.preset] if args.preset else DIGITS_MODEL

@@ -144,7 +144,8 @@ class PlainLoopComparison:
             plain = self.plain_loop_rate()
         self.rows.append({
             "epoch": values["epoch"], "accuracy": values["eval_accuracy"], "plain": plain,
-            "run": values["train_images"] / values["train_seconds"], "minutes": (pause - self.start - self.plain_seconds_total) / 60,
+            "run": values["train_images"] / values["train_seconds"],
+            "minutes": (pause - self.start - self.plain_seconds_total) / 60,
         })  # fmt: skip
         print(f"epoch {values['epoch']}: test accuracy {values['eval_accuracy']:.4f}, run "
               f"{self.rows[-1]['run']:.0f} img/s, plain loop {plain:.0f} img/s", flush=True)  # fmt: skip
@@ -154,7 +155,8 @@ class PlainLoopComparison:
         """img/s of a hand-written loop over about `self.seconds`, after a few warm-up steps."""
         if self.model is None:
             config = run_finetune.parse_args(MODEL)
-            fields = {name: getattr(config, name) for name in run_finetune.CONFIG_FLAGS if getattr(config, name) is not None}
+            flags = run_finetune.CONFIG_FLAGS
+            fields = {name: getattr(config, name) for name in flags if getattr(config, name) is not None}
             self.model = ViTCustomForImageClassification(ViTCustomConfig(**fields, num_labels=10)).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
         batch = int(MODEL[MODEL.index("--per_device_train_batch_size") + 1])

@@ -112,7 +112,8 @@ def test_push_then_load_in_fresh_process_gives_the_same_logits_and_pinned_revisi
     pushed_logits, loaded_logits = torch.load(tmp_path / "pushed_logits.pt"), torch.load(tmp_path / "loaded_logits.pt")
     # Another process, and weights read from a memory-mapped file: equal within fp32 rounding, not bit for bit.
     assert_same_outputs(loaded_logits[1], pushed_logits[1])
-    assert_same_outputs(loaded_logits[0], pushed_logits[0], msg="the pinned revision must give the first push's weights")
+    pinned = "the pinned revision must give the first push's weights"
+    assert_same_outputs(loaded_logits[0], pushed_logits[0], msg=pinned)
     assert not torch.allclose(pushed_logits[0], pushed_logits[1], rtol=1e-3, atol=1e-3)
     # The code ran from the Hub, each model from its own commit's copy of it.
     assert loaded["modules"] == [

@@ -125,7 +125,8 @@ def test_in_memory_and_worker_runs_report_where_the_images_went(tmp_path):
     broken = tmp_path / "data" / "train" / "b" / "broken.png"
     broken.write_bytes(png_bytes(Image.new("RGB", (12, 12)))[:40])
     common = [*TINY_MODEL, "--image_size", 12, "--patch_size", 4, "--train_dir", tmp_path / "data" / "train",
-              "--validation_dir", tmp_path / "data" / "val", "--num_train_epochs", 2, "--per_device_train_batch_size", 8]
+              "--validation_dir", tmp_path / "data" / "val", "--num_train_epochs", 2,
+              "--per_device_train_batch_size", 8]
 
     with pytest.raises(finetune_utils.FinetuneError, match="broken.png.*--on_bad_image skip"):
         run_main(*common, "--output_dir", tmp_path / "stopped")

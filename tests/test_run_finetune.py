@@ -293,8 +293,11 @@ def test_default_worker_count_is_one_per_four_cores_of_each_training_process(mon
         assert finetune_utils.default_num_workers(accelerator) == 1  # one process on 2 cores: at least one worker
 
 
-@pytest.mark.parametrize("loading", [["--images_in_memory", "on"], ["--images_in_memory", "off", "--dataloader_num_workers", "2"]],
-                         ids=["in-memory", "workers"])  # fmt: skip
+IN_MEMORY = ["--images_in_memory", "on"]
+WORKERS = ["--images_in_memory", "off", "--dataloader_num_workers", "2"]
+
+
+@pytest.mark.parametrize("loading", [IN_MEMORY, WORKERS], ids=["in-memory", "workers"])
 def test_accumulated_batches_train_like_one_large_batch(tmp_path, loading):
     # 20 images: one batch of 20, or batches of 8, 8 and a short 4 accumulated into the same single update.
     common = [*TINY_MODEL, "--num_train_epochs", 1, "--max_train_samples", 20, "--max_eval_samples", 10, *loading]
@@ -336,7 +339,8 @@ def test_torch_compile_auto_compiles_only_where_it_saves_time_and_a_resumed_run_
     compiled, reason = run_finetune.plan_compile("auto", model, 8, 10**9, cpu, None)
     saved, compile_seconds = map(float, re.search(r"(-?[\d.]+) s saved, ([\d.]+) s to compile", reason).groups())
     assert compiled == (saved > compile_seconds) and "ms compiled" in reason  # tried, and kept if it pays
-    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())  # timing trains nothing
+    # Timing trains nothing.
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
     assert all(parameter.grad is None for parameter in model.parameters())
 
     checkpoint = tmp_path / "checkpoint-3"

@@ -46,7 +46,10 @@ def no_image_column(tmp_path):
 
 def empty_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
-    return ["--train_dir", str(tmp_path / "empty")], ["holds no images in class sub-folders (no class sub-folder)", "one sub-folder per class"]
+    return ["--train_dir", str(tmp_path / "empty")], [
+        "holds no images in class sub-folders (no class sub-folder)",
+        "one sub-folder per class",
+    ]
 
 
 def only_non_image_files(tmp_path):
@@ -62,7 +65,9 @@ def only_non_image_files(tmp_path):
 def a_file_that_is_not_an_image(tmp_path):
     arguments = folders(tmp_path)
     (tmp_path / "data" / "train" / "dog" / "broken.png").write_text("not an image")
-    return arguments, ["1 train image(s) cannot be decoded", "dog/broken.png", "Remove or replace them", "--on_bad_image skip"]
+    return arguments, [
+        "1 train image(s) cannot be decoded", "dog/broken.png", "Remove or replace them", "--on_bad_image skip"
+    ]
 
 
 def labels_that_do_not_match_the_head(tmp_path):
