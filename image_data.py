@@ -161,9 +161,7 @@ def undecoded_images(dataset, image_column: str) -> list[dict]:
 
 def find_bad_images(dataset, image_column: str, processes: int = 1) -> list[str]:
     """Decode every image of `dataset` in `processes` worker processes; one message per file that cannot be decoded."""
-    values = undecoded_images(dataset, image_column)
-    chunk = max(1, math.ceil(len(values) / (processes * 8)))
-    jobs = [values[start : start + chunk] for start in range(0, len(values), chunk)]
+    jobs = [values for _, values in _chunks(undecoded_images(dataset, image_column), processes)]
     return [message for messages in _map(_check_chunk, jobs, processes) for message in messages]
 
 
@@ -175,6 +173,12 @@ def _check_chunk(values: list) -> list[str]:
         except BadImageError as error:
             bad.append(str(error))
     return bad
+
+
+def _chunks(values: list, processes: int) -> list[tuple[int, list]]:
+    """`values` cut into 8 pieces per process (so that a slow piece does not leave a process idle), with offsets."""
+    size = max(1, math.ceil(len(values) / (processes * 8)))
+    return [(start, values[start : start + size]) for start in range(0, len(values), size)]
 
 
 def _map(function, jobs: list, processes: int) -> list:
@@ -197,12 +201,10 @@ def decode_all(
         The tensor of the decodable images, their indices in `dataset`, one message per bad file, and the count of
         each source image mode.
     """
-    values = undecoded_images(dataset, image_column)
-    chunk = max(1, math.ceil(len(values) / (processes * 8)))
-    jobs = [(values[start : start + chunk], mode, size, prepare) for start in range(0, len(values), chunk)]
-    results = _map(_decode_chunk, jobs, processes)
+    chunks = _chunks(undecoded_images(dataset, image_column), processes)
+    results = _map(_decode_chunk, [(values, mode, size, prepare) for _, values in chunks], processes)
     arrays, kept, bad, modes = [], [], [], Counter()
-    for offset, (chunk_arrays, chunk_kept, chunk_bad, chunk_modes) in zip(range(0, len(values), chunk), results):
+    for (offset, _), (chunk_arrays, chunk_kept, chunk_bad, chunk_modes) in zip(chunks, results, strict=True):
         arrays.append(chunk_arrays)
         kept.extend(offset + index for index in chunk_kept)
         bad.extend(chunk_bad)
