@@ -26,7 +26,7 @@ import convert_checkpoint
 import explain_figures as figures
 import explain_vit_custom as explain
 from explain_vit_custom import HEAD_FUSIONS
-from finetune_utils import DIGITS_DATASET_ID, load_digits_dataset
+from vit_training.data import DIGITS_DATASET_ID, load_digits_dataset
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

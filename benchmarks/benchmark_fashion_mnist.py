@@ -154,9 +154,7 @@ class PlainLoopComparison:
     def plain_loop_rate(self) -> float:
         """img/s of a hand-written loop over about `self.seconds`, after a few warm-up steps."""
         if self.model is None:
-            config = run_finetune.parse_args(MODEL)
-            flags = run_finetune.CONFIG_FLAGS
-            fields = {name: getattr(config, name) for name in flags if getattr(config, name) is not None}
+            fields = run_finetune.parse_args(MODEL).model.config
             self.model = ViTCustomForImageClassification(ViTCustomConfig(**fields, num_labels=10)).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
         batch = int(MODEL[MODEL.index("--per_device_train_batch_size") + 1])

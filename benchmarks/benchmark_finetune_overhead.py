@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import run_finetune  # noqa: E402
+from vit_training.arguments import TrainingArguments  # noqa: E402
+from vit_training.loop import parameter_groups  # noqa: E402
 from benchmark_speed import Size, clock_of, make_step  # noqa: E402
 from configuration_vit_custom import ViTCustomConfig  # noqa: E402
 from modeling_vit_custom import ViTCustomForImageClassification  # noqa: E402
@@ -46,17 +48,18 @@ def main():
         run_argv = ["--output_dir", output_dir, *args.run_finetune_args]
         run_args = run_finetune.parse_args(run_argv)
         # The model the run trains, with the digits' 10 classes (the head's size hardly changes a step's time).
-        config = run_finetune.load_model(run_args, labels=[str(digit) for digit in range(10)])[0].config
-        batch = run_args.per_device_train_batch_size
+        config = run_finetune.load_model(run_args.model, labels=[str(digit) for digit in range(10)])[0].config
+        training = run_args.training
+        batch = training.per_device_train_batch_size
         # Where and in which precision run_finetune trains: a GPU when there is one, bf16 with --mixed_precision bf16.
         step_args = argparse.Namespace(
-            device="cuda" if torch.cuda.is_available() and not run_args.cpu else "cpu",
-            dtype="bfloat16" if run_args.mixed_precision == "bf16" else "float32",
+            device="cuda" if torch.cuda.is_available() and not training.cpu else "cpu",
+            dtype="bfloat16" if training.mixed_precision == "bf16" else "float32",
             clock="wall",
         )
         bare = {
             "bare step": bare_step(config, batch, step_args),
-            "bare step as run_finetune": bare_step_as_run_finetune(config, batch, run_args, step_args),
+            "bare step as run_finetune": bare_step_as_run_finetune(config, batch, training, step_args),
         }
         timer = EpochTimer(bare, batch, clock_of(step_args))
         results = run_finetune.main(run_argv, on_event=timer)
@@ -117,12 +120,12 @@ def bare_step(config: ViTCustomConfig, batch: int, step_args: argparse.Namespace
 
 
 def bare_step_as_run_finetune(
-    config: ViTCustomConfig, batch: int, run_args: argparse.Namespace, step_args: argparse.Namespace
+    config: ViTCustomConfig, batch: int, training: TrainingArguments, step_args: argparse.Namespace
 ):
     """One optimizer step with run_finetune's optimisation, on random data and without the loop around it."""
     model = ViTCustomForImageClassification(config).to(step_args.device).train()
     optimizer = torch.optim.AdamW(
-        run_finetune.parameter_groups(model, run_args.weight_decay), lr=run_args.learning_rate, fused=True
+        parameter_groups(model, training.weight_decay), lr=training.learning_rate, fused=True
     )
     pixel_values = torch.randn(batch, config.num_channels, config.image_size, config.image_size)
     pixel_values = pixel_values.to(step_args.device)
@@ -132,10 +135,10 @@ def bare_step_as_run_finetune(
     def step():
         with autocast:
             logits = model(pixel_values=pixel_values).logits
-        loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=run_args.label_smoothing)
+        loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=training.label_smoothing)
         loss.backward()
-        if run_args.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), run_args.max_grad_norm)
+        if training.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         loss.item()

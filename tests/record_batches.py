@@ -1,8 +1,9 @@
 """Runs `run_finetune.main()` and records which training samples this process put in each batch.
 
-Launched by tests/test_run_finetune_distributed.py on several processes; writes `<RECORD_DIR>/rank<N>.json` with the
-process's rank, the world size, and the sample indices and the labels of every training batch, in order, as the run
-reports them after each step (a stream's batches have no sample indices).
+Launched by tests/test_run_finetune_distributed.py and tests/test_streaming.py on several processes; writes
+`<RECORD_DIR>/rank<N>.json` with the process's rank, the world size, the sample indices of every training batch as the
+run assembles them (images held in memory only) and the labels of every training batch as the run reports them after
+each step, in order.
 """
 
 import json
@@ -19,8 +20,9 @@ def main():
     batches, labels = [], []
 
     def record(event: str, values: dict):
+        if event == "batch":
+            batches.append(values["samples"])
         if event == "step":
-            batches.extend(values["samples"])
             labels.extend(values["labels"])
 
     run_finetune.main(on_event=record)

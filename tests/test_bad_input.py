@@ -16,14 +16,17 @@ from conftest import REPO_ROOT, tiny_config
 from finetune_helpers import TINY_MODEL, fresh_accelerate_state, run_main, save_tiny_checkpoint, script_env
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import convert_checkpoint
 import run_finetune
 from configuration_vit_custom import PRESETS
-from finetune_errors import FinetuneError
 from modeling_vit_custom import ViTCustomForImageClassification
+from vit_training.arguments import TRACKERS, preset_names
+from vit_training.errors import TrainingError
+from vit_training.hardware import create_accelerator
+from vit_training.loop import StepSettings, train_one_epoch
+from vit_training.run_state import TrainingProgress
 
 # ----------------------------------------------------------------------------------------------------------------------
 # convert_checkpoint.py
@@ -205,7 +208,7 @@ def test_labels_that_do_not_fit_the_problem_type_are_refused(config, labels, mes
 def test_a_diverging_run_stops_at_the_step_and_keeps_only_what_came_before(tmp_path):
     # A learning rate so large that the first update makes the logits overflow (no warmup to soften it).
     output_dir = tmp_path / "run"
-    with pytest.raises(FinetuneError) as error:
+    with pytest.raises(TrainingError) as error:
         run_main(
             *TINY_MODEL, "--learning_rate", 1e30, "--warmup_steps", 0, "--max_train_samples", 32,
             "--per_device_train_batch_size", 8, "--num_train_epochs", 1, "--checkpointing_steps", 1,
@@ -216,25 +219,28 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_only_what_came_before(tmp_p
     assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint-1"]  # no model, metrics or card
 
 
-def train_on_a_nan_image(tmp_path, *flags) -> tuple[run_finetune.TrainingProgress, torch.nn.Module]:
+def train_on_a_nan_image(tmp_path, *flags) -> tuple[TrainingProgress, torch.nn.Module]:
     """One epoch of 3 steps of 4 images, whose 6th image (in step 2) holds NaN."""
     args = run_finetune.parse_args([*TINY_MODEL, "--output_dir", str(tmp_path), *flags])
     images = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     images[5, 0, 0, 0] = float("nan")
     batches = DataLoader([{"pixel_values": image, "labels": n % 2} for n, image in enumerate(images)], batch_size=4)
-    progress = run_finetune.TrainingProgress()
+    progress = TrainingProgress()
+    settings = StepSettings(
+        label_smoothing=args.training.label_smoothing, max_grad_norm=args.training.max_grad_norm,
+        skip_nonfinite_steps=args.training.skip_nonfinite_steps, max_steps=100,
+    )  # fmt: skip
     with fresh_accelerate_state():
-        accelerator = run_finetune.create_accelerator(args)
-        model, _ = run_finetune.load_model(args, labels=["a", "b"])
+        accelerator = create_accelerator(tmp_path, args.training.seed)
+        model, _ = run_finetune.load_model(args.model, labels=["a", "b"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         prepared = accelerator.prepare(model, batches, optimizer, get_scheduler("constant", optimizer))
-        with tqdm(disable=True) as progress_bar:
-            run_finetune.train_one_epoch(args, accelerator, *prepared, progress, progress_bar, 100, tmp_path, None)
+        train_one_epoch(accelerator, *prepared, progress, settings)
     return progress, model
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
-    with pytest.raises(FinetuneError, match=re.escape("the training loss is nan at step 2 (epoch 1)")):
+    with pytest.raises(TrainingError, match=re.escape("the training loss is nan at step 2 (epoch 1)")):
         train_on_a_nan_image(tmp_path)
 
 
@@ -281,5 +287,5 @@ def test_a_refused_conversion_exits_with_one_error_line_and_no_traceback(tmp_pat
 
 
 def test_the_names_written_out_for_speed_are_the_libraries_own():
-    assert set(run_finetune.PRESET_NAMES) == set(PRESETS)
-    assert set(run_finetune.TRACKERS) == {tracker.value for tracker in LoggerType}
+    assert set(preset_names()) == set(PRESETS)
+    assert set(TRACKERS) == {tracker.value for tracker in LoggerType}

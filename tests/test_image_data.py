@@ -10,9 +10,11 @@ from finetune_helpers import TINY_MODEL, make_image_folder, run_main
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-import finetune_utils
-import image_data
 import run_finetune
+from vit_training import augment, hardware
+from vit_training import images as image_data
+from vit_training.data import load_image_dataset, load_image_folders
+from vit_training.errors import TrainingError
 
 
 def test_listing_takes_classes_from_the_first_level_and_images_from_any_depth(tmp_path):
@@ -32,17 +34,17 @@ def test_listing_takes_classes_from_the_first_level_and_images_from_any_depth(tm
 def test_image_folders_load_with_the_training_classes_and_refuse_an_unknown_validation_class(tmp_path):
     make_image_folder(tmp_path / "train", ["cat", "dog"], images_per_class=2, size=8)
     make_image_folder(tmp_path / "val", ["dog"], images_per_class=1, size=8)
-    dataset = finetune_utils.load_image_folders(train=tmp_path / "train", validation=tmp_path / "val")
+    dataset = load_image_folders(train=tmp_path / "train", validation=tmp_path / "val")
     assert dataset["train"].features["label"].names == ["cat", "dog"]
     assert dataset["train"]["label"] == [0, 0, 1, 1] and dataset["validation"]["label"] == [1]
     assert dataset["validation"][0]["image"].size == (8, 8)
 
     make_image_folder(tmp_path / "val", ["bird"], images_per_class=1, size=8)
-    with pytest.raises(finetune_utils.FinetuneError, match=r"class folder\(s\) bird that --train_dir lacks"):
-        finetune_utils.load_image_folders(train=tmp_path / "train", validation=tmp_path / "val")
+    with pytest.raises(TrainingError, match=r"class folder\(s\) bird that --train_dir lacks"):
+        load_image_folders(train=tmp_path / "train", validation=tmp_path / "val")
     (tmp_path / "train" / "fish").mkdir()
-    with pytest.raises(finetune_utils.FinetuneError, match=r"class folder\(s\) fish hold no images"):
-        finetune_utils.load_image_folders(train=tmp_path / "train")
+    with pytest.raises(TrainingError, match=r"class folder\(s\) fish hold no images"):
+        load_image_folders(train=tmp_path / "train")
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -85,7 +87,7 @@ def test_a_truncated_file_is_named():
 def test_batch_crops_match_torchvision_resized_crop_inside_the_box():
     images = torch.rand(3, 2, 12, 10) * 255
     boxes = torch.tensor([[0, 0, 10, 12, 0], [2, 3, 6, 4, 0], [1, 2, 8, 8, 1]], dtype=torch.float64)
-    crops = image_data.resized_crops(images, boxes, (12, 10))
+    crops = augment.resized_crops(images, boxes, (12, 10))
     for image, box, crop in zip(images, boxes.int().tolist(), crops, strict=True):
         left, top, width, height, mirror = box
         expected = F.resized_crop(image, top, left, height, width, [12, 10], antialias=False)
@@ -96,8 +98,9 @@ def test_batch_crops_match_torchvision_resized_crop_inside_the_box():
 
 
 def test_batch_augmentation_draws_crops_like_random_resized_crop_and_depends_only_on_seed_epoch_and_sample():
-    augment = image_data.BatchAugment((16, 16), (0.35, 1.0), True, [0.5], [0.5], num_samples=5000, seed=3)
-    boxes = augment.crop_boxes(augment.epoch_table(0), (20, 30))
+    augmentation = augment.Augmentation((16, 16), (0.35, 1.0), True, seed=3)
+    batch_augment = augment.BatchAugment(augmentation, [0.5], [0.5], num_samples=5000)
+    boxes = batch_augment.crop_boxes(batch_augment.epoch_table(), (20, 30))
     area = boxes[:, 2] * boxes[:, 3] / 600
     assert area.min() >= 0.35 * 0.85 and area.max() <= 1.0 + 1e-9  # clamped to the image: a little below the range
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 30 + 1e-9).all()
@@ -106,12 +109,11 @@ def test_batch_augmentation_draws_crops_like_random_resized_crop_and_depends_onl
 
     images = torch.randint(0, 256, (5000, 1, 20, 30), dtype=torch.uint8)
     dataset = image_data.InMemoryImages(images, torch.zeros(5000, dtype=torch.long))
-    alone = augment(dataset.__getitems__([7]))["pixel_values"]
-    batched = augment(dataset.__getitems__([3, 7, 11]))
+    alone = batch_augment(dataset.__getitems__([7]))["pixel_values"]
+    batched = batch_augment(dataset.__getitems__([3, 7, 11]))
     torch.testing.assert_close(batched["pixel_values"][1:2], alone, rtol=0, atol=0)
-    assert batched[image_data.SAMPLE_INDEX].tolist() == [3, 7, 11]
-    augment.epoch = 1
-    assert not torch.equal(augment(dataset.__getitems__([7]))["pixel_values"], alone)
+    augmentation.epoch = 1
+    assert not torch.equal(batch_augment(dataset.__getitems__([7]))["pixel_values"], alone)
 
 
 def test_in_memory_and_worker_runs_report_where_the_images_went(tmp_path):
@@ -128,7 +130,7 @@ def test_in_memory_and_worker_runs_report_where_the_images_went(tmp_path):
               "--validation_dir", tmp_path / "data" / "val", "--num_train_epochs", 2,
               "--per_device_train_batch_size", 8]
 
-    with pytest.raises(finetune_utils.FinetuneError, match="broken.png.*--on_bad_image skip"):
+    with pytest.raises(TrainingError, match="broken.png.*--on_bad_image skip"):
         run_main(*common, "--output_dir", tmp_path / "stopped")
     for loading in ("on", "off"):
         output_dir = tmp_path / loading
@@ -145,7 +147,7 @@ def test_a_bad_image_met_by_a_loader_worker_stops_with_its_name_and_keeps_the_st
     arguments = [*TINY_MODEL, "--image_size", 8, "--patch_size", 4, "--train_dir", tmp_path / "train",
                  "--images_in_memory", "off", "--dataloader_num_workers", 1, "--per_device_train_batch_size", 4,
                  "--train_val_split", 0.1, "--output_dir", output_dir]  # fmt: skip
-    with pytest.raises(finetune_utils.FinetuneError) as error:
+    with pytest.raises(TrainingError) as error:
         run_main(*arguments)
     message = str(error.value)
     assert "z-broken.png" in message and "Traceback" not in message and "--on_bad_image skip" in message
@@ -157,7 +159,7 @@ def test_verify_images_names_every_bad_file_before_training(tmp_path):
     make_image_folder(tmp_path / "train", ["a", "b"], images_per_class=3, size=8)
     for name in ("x.png", "y.jpg"):
         (tmp_path / "train" / "a" / name).write_text("no image")
-    with pytest.raises(finetune_utils.FinetuneError, match=r"2 image\(s\) cannot be decoded: ") as error:
+    with pytest.raises(TrainingError, match=r"2 image\(s\) cannot be decoded: ") as error:
         run_main(*TINY_MODEL, "--train_dir", tmp_path / "train", "--verify_images", "--output_dir", tmp_path / "out")
     assert "a/x.png" in str(error.value) and "a/y.jpg" in str(error.value)
     assert not (tmp_path / "out").exists()
@@ -175,11 +177,11 @@ def test_threads_follow_the_cores_for_large_layers_and_stay_single_for_small_one
                               num_attention_heads=3, intermediate_size=768, num_channels=1)  # fmt: skip
     with fresh_accelerate_state():
         accelerator = Accelerator(cpu=True)
-        run_finetune.set_threads(None, accelerator, 2, digits, batch=32)
+        hardware.set_threads(None, accelerator, 2, digits, batch=32)
         assert torch.get_num_threads() == 1
-        run_finetune.set_threads(None, accelerator, 2, fashion, batch=128)
+        hardware.set_threads(None, accelerator, 2, fashion, batch=128)
         assert torch.get_num_threads() == 2
-        run_finetune.set_threads(3, accelerator, 2, fashion, batch=128)  # --num_threads was applied already
+        hardware.set_threads(3, accelerator, 2, fashion, batch=128)  # --num_threads was applied already
         assert torch.get_num_threads() == 2
 
 
@@ -187,6 +189,6 @@ def test_a_local_dataset_folder_with_split_sub_folders_is_listed_like_image_fold
     make_image_folder(tmp_path / "fashion" / "train", ["coat", "shirt"], images_per_class=4, size=8)
     make_image_folder(tmp_path / "fashion" / "val", ["coat", "shirt"], images_per_class=2, size=8, seed=1)
     make_image_folder(tmp_path / "fashion" / "test", ["shirt"], images_per_class=3, size=8, seed=2)
-    dataset = finetune_utils.load_image_dataset(run_finetune.parse_args(["--dataset_name", str(tmp_path / "fashion")]))
+    dataset = load_image_dataset(dataset_name=str(tmp_path / "fashion"))
     assert {name: len(split) for name, split in dataset.items()} == {"train": 8, "validation": 4, "test": 3}
     assert dataset["test"]["label"] == [1, 1, 1]

@@ -30,9 +30,15 @@ from transformers import (
     pipeline,
 )
 
-import finetune_utils
 import run_finetune
 from modeling_vit_custom import ViTCustomForImageClassification, resample_position_embeddings
+from vit_training import hardware, loaders
+from vit_training.augment import SAMPLE_INDEX, build_transforms
+from vit_training.checkpoints import list_checkpoints
+from vit_training.data import load_image_dataset, number_samples
+from vit_training.loop import parameter_groups
+from vit_training.outputs import save_model
+from vit_training.run_state import TrainingProgress
 
 SHAREABLE_FILES = (
     "config.json",
@@ -100,6 +106,14 @@ def test_default_command_trains_on_digits_and_saves_a_folder_ready_to_share(tmp_
     assert len(predictions) == 3 and all(p["label"] in config["id2label"].values() for p in predictions)
 
 
+def transforms_of(args, image_processor, num_channels):
+    """The training and evaluation transforms of the run `args` describes."""
+    return build_transforms(
+        image_processor, num_channels, ("image", "label"), crop_scale=args.data.crop_scale,
+        flip=args.data.horizontal_flip, seed=args.training.seed,
+    )  # fmt: skip
+
+
 def epoch_metrics(log: str, epoch: int, num_epochs: int) -> dict[str, float]:
     """The metrics of the log line `... epoch 1/2: step 10, train_loss 2.28, ...`."""
     line = next(line for line in log.splitlines() if f"epoch {epoch}/{num_epochs}:" in line)
@@ -129,7 +143,7 @@ def test_checkpoint_is_fine_tuned_on_image_folders_with_a_new_head_at_a_new_reso
     assert model.vit.embeddings.position_embeddings.shape == (1, 1 + 6 * 6, 32)
     assert AutoImageProcessor.from_pretrained(output_dir).size == {"height": 24, "width": 24}
     assert list((output_dir / "runs").rglob("events.out.tfevents.*")), "--with_tracking wrote no TensorBoard log"
-    assert [p.name for p in run_finetune.list_checkpoints(output_dir)] == ["checkpoint-3", "checkpoint-6"]  # 24 / 8
+    assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-3", "checkpoint-6"]  # 24 / 8
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.eval_results[0].dataset_split == "validation"
 
@@ -141,7 +155,7 @@ def test_load_model_resamples_position_embeddings_and_keeps_the_backbone(tmp_pat
         ["--model_name_or_path", str(checkpoint), "--image_size", "32", "--ignore_mismatched_sizes"]
     )
 
-    model, image_processor = run_finetune.load_model(args, labels=["cat", "dog"])
+    model, image_processor = run_finetune.load_model(args.model, labels=["cat", "dog"])
 
     expected = resample_position_embeddings(pretrained.vit.embeddings.position_embeddings, (8, 8), (4, 4), 1)
     torch.testing.assert_close(model.vit.embeddings.position_embeddings, expected, rtol=0, atol=0)
@@ -161,7 +175,7 @@ def test_a_transformers_vit_checkpoint_is_read_through_the_converter(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     args = run_finetune.parse_args(["--model_name_or_path", str(tmp_path / "vit")])
 
-    model, image_processor = run_finetune.load_model(args, labels=["cat", "dog"])
+    model, image_processor = run_finetune.load_model(args.model, labels=["cat", "dog"])
 
     pixel_values = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -173,13 +187,13 @@ def test_same_labels_keep_the_checkpoint_head(tmp_path):
     checkpoint = tmp_path / "pretrained"
     pretrained = save_tiny_checkpoint(checkpoint, labels=["cat", "dog"])
     args = run_finetune.parse_args(["--model_name_or_path", str(checkpoint)])
-    model, _ = run_finetune.load_model(args, labels=["cat", "dog"])
+    model, _ = run_finetune.load_model(args.model, labels=["cat", "dog"])
     torch.testing.assert_close(model.classifier.weight, pretrained.classifier.weight, rtol=0, atol=0)
 
 
 def test_weight_decay_spares_biases_norms_cls_token_and_position_embeddings():
-    model, _ = run_finetune.load_model(run_finetune.parse_args(TINY_MODEL), labels=["a", "b"])
-    decay, no_decay = run_finetune.parameter_groups(model, weight_decay=0.05)
+    model, _ = run_finetune.load_model(run_finetune.parse_args(TINY_MODEL).model, labels=["a", "b"])
+    decay, no_decay = parameter_groups(model, weight_decay=0.05)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     not_decayed = {names[id(p)] for p in no_decay["params"]}
@@ -195,25 +209,23 @@ def test_weight_decay_spares_biases_norms_cls_token_and_position_embeddings():
 
 
 def test_digits_are_split_80_20_and_a_stratified_validation_split_is_carved_out():
-    dataset = finetune_utils.load_image_dataset(run_finetune.parse_args([]))
+    dataset = load_image_dataset(seed=42)
     assert {name: len(split) for name, split in dataset.items()} == {"train": 1293, "validation": 144, "test": 360}
     for split in dataset.values():
         counts = np.bincount(split["label"], minlength=10)
         np.testing.assert_allclose(counts / len(split), np.full(10, 0.1), atol=0.012)
 
-    small = finetune_utils.load_image_dataset(
-        run_finetune.parse_args(["--max_train_samples", "50", "--max_eval_samples", "20"])
-    )
+    small = load_image_dataset(max_train_samples=50, max_eval_samples=20, seed=42)
     assert {name: len(split) for name, split in small.items()} == {"train": 50, "validation": 20, "test": 20}
 
 
 @pytest.mark.parametrize("num_channels", [1, 3])
 def test_transforms_convert_grayscale_and_rgb_images_to_the_model_channels(num_channels):
     args = run_finetune.parse_args(["--num_channels", str(num_channels)])
-    model, image_processor = run_finetune.load_model(args, labels=["a", "b"])
-    train_transform, eval_transform = finetune_utils.build_transforms(image_processor, num_channels, args)
+    model, image_processor = run_finetune.load_model(args.model, labels=["a", "b"])
+    train_transform, eval_transform = transforms_of(args, image_processor, num_channels)
     images = [Image.new("L", (8, 8), 200), Image.new("RGB", (30, 20), (10, 200, 30))]
-    batch = {"image": images, "label": [0, 1], finetune_utils.SAMPLE_INDEX: [0, 1]}
+    batch = {"image": images, "label": [0, 1], SAMPLE_INDEX: [0, 1]}
 
     for transform in (train_transform, eval_transform):
         pixel_values = transform(dict(batch))["pixel_values"]
@@ -226,16 +238,16 @@ def test_transforms_convert_grayscale_and_rgb_images_to_the_model_channels(num_c
 
 def test_an_image_gets_the_same_augmentation_whatever_else_is_in_its_batch():
     args = run_finetune.parse_args([])
-    _, image_processor = run_finetune.load_model(args, labels=["a", "b"])
-    train_transform, _ = finetune_utils.build_transforms(image_processor, 3, args)
+    _, image_processor = run_finetune.load_model(args.model, labels=["a", "b"])
+    train_transform, _ = transforms_of(args, image_processor, 3)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(3)]
 
-    alone = train_transform({"image": images[2:], "label": [0], finetune_utils.SAMPLE_INDEX: [2]})
-    batched = train_transform({"image": images, "label": [0, 0, 0], finetune_utils.SAMPLE_INDEX: [0, 1, 2]})
+    alone = train_transform({"image": images[2:], "label": [0], SAMPLE_INDEX: [2]})
+    batched = train_transform({"image": images, "label": [0, 0, 0], SAMPLE_INDEX: [0, 1, 2]})
     torch.testing.assert_close(alone["pixel_values"][0], batched["pixel_values"][2], rtol=0, atol=0)
-    train_transform.epoch = 1
-    next_epoch = train_transform({"image": images[2:], "label": [0], finetune_utils.SAMPLE_INDEX: [2]})
+    train_transform.augmentation.epoch = 1
+    next_epoch = train_transform({"image": images[2:], "label": [0], SAMPLE_INDEX: [2]})
     assert not torch.equal(next_epoch["pixel_values"][0], alone["pixel_values"][0])
 
 
@@ -256,23 +268,23 @@ def test_worker_processes_load_the_images_the_training_process_would_load_every_
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])  # forkserver: Linux's default from Python 3.14
 def test_persistent_workers_augment_each_epoch_as_the_training_process_would(start_method):
     args = run_finetune.parse_args([])
-    _, image_processor = run_finetune.load_model(args, labels=["a", "b"])
-    train_transform, _ = finetune_utils.build_transforms(image_processor, 3, args)
+    _, image_processor = run_finetune.load_model(args.model, labels=["a", "b"])
+    train_transform, _ = transforms_of(args, image_processor, 3)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(6)]
-    dataset = finetune_utils.number_samples(Dataset.from_dict({"image": images, "label": [0, 1] * 3}))
+    dataset = number_samples(Dataset.from_dict({"image": images, "label": [0, 1] * 3}))
     dataset = dataset.cast_column("image", datasets.Image()).with_transform(train_transform)
     loader = DataLoader(
-        dataset, batch_size=3, collate_fn=finetune_utils.collate_fn, num_workers=1, persistent_workers=True,
-        worker_init_fn=finetune_utils.share_batches_as_files, multiprocessing_context=start_method,
+        dataset, batch_size=3, collate_fn=loaders.collate_fn, num_workers=1, persistent_workers=True,
+        worker_init_fn=loaders.share_batches_as_files, multiprocessing_context=start_method,
     )  # fmt: skip
 
     epochs = []
     for epoch in (0, 1):
-        train_transform.epoch = epoch
+        train_transform.augmentation.epoch = epoch
         from_workers = torch.cat([batch["pixel_values"] for batch in loader])
         in_process = torch.cat([batch["pixel_values"] for batch in DataLoader(
-            dataset, batch_size=3, collate_fn=finetune_utils.collate_fn
+            dataset, batch_size=3, collate_fn=loaders.collate_fn
         )])  # fmt: skip
         assert torch.equal(from_workers, in_process)
         epochs.append(from_workers)
@@ -284,13 +296,13 @@ def test_default_worker_count_is_one_per_four_cores_of_each_training_process(mon
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with fresh_accelerate_state():
         accelerator = Accelerator(cpu=True)
-        assert finetune_utils.default_num_workers(accelerator) == 4  # at most 4
+        assert hardware.default_num_workers(accelerator) == 4  # at most 4
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-        assert finetune_utils.default_num_workers(accelerator) == 2  # 8 cores per process
+        assert hardware.default_num_workers(accelerator) == 2  # 8 cores per process
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-        assert finetune_utils.default_num_workers(accelerator) == 0  # a single core each: load in the process
+        assert hardware.default_num_workers(accelerator) == 0  # a single core each: load in the process
         monkeypatch.delenv("LOCAL_WORLD_SIZE")
-        assert finetune_utils.default_num_workers(accelerator) == 1  # one process on 2 cores: at least one worker
+        assert hardware.default_num_workers(accelerator) == 1  # one process on 2 cores: at least one worker
 
 
 IN_MEMORY = ["--images_in_memory", "on"]
@@ -318,25 +330,25 @@ def test_accumulated_batches_train_like_one_large_batch(tmp_path, loading):
 
 def test_a_compiled_model_is_saved_under_its_own_parameter_names(tmp_path):
     args = run_finetune.parse_args([*TINY_MODEL, "--torch_compile"])  # a bare flag: on
-    model, image_processor = run_finetune.load_model(args, labels=["a", "b"])
+    model, image_processor = run_finetune.load_model(args.model, labels=["a", "b"])
     with fresh_accelerate_state():
-        accelerator = run_finetune.create_accelerator(args)
+        accelerator = hardware.create_accelerator(args.output.output_dir, args.training.seed, compile_model=True)
         compiled = accelerator.prepare(model)  # compiles lazily, at the first forward pass: nothing is compiled here
         assert type(compiled).__name__ == "OptimizedModule"
-        run_finetune.save_model(accelerator, compiled, image_processor, tmp_path)
+        save_model(accelerator, compiled, image_processor, tmp_path)
 
     assert set(load_file(tmp_path / "model.safetensors")) == set(model.state_dict())
 
 
 def test_torch_compile_auto_compiles_only_where_it_saves_time_and_a_resumed_run_keeps_the_choice(tmp_path):
     args = run_finetune.parse_args(TINY_MODEL)
-    assert args.torch_compile == "auto"
-    model, _ = run_finetune.load_model(args, labels=["a", "b"])
+    assert args.training.torch_compile == "auto"
+    model, _ = run_finetune.load_model(args.model, labels=["a", "b"])
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     cpu = torch.device("cpu")
-    compiled, reason = run_finetune.plan_compile("auto", model, 8, 10, cpu, None)
+    compiled, reason = hardware.plan_compile("auto", model, 8, 10, cpu, None)
     assert not compiled and "would not repay compiling" in reason  # 10 tiny steps: not even tried
-    compiled, reason = run_finetune.plan_compile("auto", model, 8, 10**9, cpu, None)
+    compiled, reason = hardware.plan_compile("auto", model, 8, 10**9, cpu, None)
     saved, compile_seconds = map(float, re.search(r"(-?[\d.]+) s saved, ([\d.]+) s to compile", reason).groups())
     assert compiled == (saved > compile_seconds) and "ms compiled" in reason  # tried, and kept if it pays
     # Timing trains nothing.
@@ -345,6 +357,6 @@ def test_torch_compile_auto_compiles_only_where_it_saves_time_and_a_resumed_run_
 
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
-    torch.save(run_finetune.TrainingProgress(compiled=True).state_dict(), checkpoint / "custom_checkpoint_0.pkl")
-    assert run_finetune.plan_compile("auto", model, 8, 10, cpu, checkpoint)[0] is True
-    assert run_finetune.plan_compile("off", model, 8, 10**9, cpu, None)[0] is False
+    torch.save(TrainingProgress(compiled=True).state_dict(), checkpoint / "custom_checkpoint_0.pkl")
+    assert hardware.plan_compile("auto", model, 8, 10, cpu, checkpoint)[0] is True
+    assert hardware.plan_compile("off", model, 8, 10**9, cpu, None)[0] is False

@@ -9,9 +9,10 @@ import torch
 from conftest import REPO_ROOT
 from finetune_helpers import TINY_MODEL, script_env
 
-import finetune_utils
 import run_finetune
 from modeling_vit_custom import ViTCustomForImageClassification
+from vit_training.augment import build_transforms
+from vit_training.data import load_image_dataset
 
 # 64 training images: 4 steps of 2 x 8. 50 evaluation images in batches of 2 x 16: the last one is padded with repeats.
 ARGUMENTS = [
@@ -49,10 +50,16 @@ def test_two_processes_train_on_disjoint_halves_and_evaluate_every_sample_once(t
     assert results["eval_samples"] == results["test_samples"] == 50
     # The metrics equal those of one process evaluating the saved model on the same images.
     args = run_finetune.parse_args([*ARGUMENTS, "--output_dir", str(output_dir)])
-    dataset = finetune_utils.load_image_dataset(args)
+    dataset = load_image_dataset(
+        max_train_samples=args.data.max_train_samples, max_eval_samples=args.data.max_eval_samples,
+        seed=args.training.seed,
+    )  # fmt: skip
     model = ViTCustomForImageClassification.from_pretrained(output_dir).eval()
-    _, image_processor = run_finetune.load_model(args, labels=dataset["train"].features["label"].names)
-    _, eval_transform = finetune_utils.build_transforms(image_processor, model.config.num_channels, args)
+    _, image_processor = run_finetune.load_model(args.model, labels=dataset["train"].features["label"].names)
+    _, eval_transform = build_transforms(
+        image_processor, model.config.num_channels, ("image", "label"), crop_scale=args.data.crop_scale,
+        flip=args.data.horizontal_flip, seed=args.training.seed,
+    )  # fmt: skip
     for split, prefix in (("validation", "eval"), ("test", "test")):
         batch = eval_transform(dataset[split][:])
         with torch.no_grad():

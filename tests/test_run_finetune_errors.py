@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 from finetune_helpers import fresh_accelerate_state, make_image_folder, run_main, save_tiny_checkpoint
 
 import run_finetune
-from finetune_utils import FinetuneError
+from vit_training.errors import TrainingError
 
 
 def previous_run(path: Path) -> dict[str, bytes]:
@@ -163,7 +163,7 @@ def test_bad_input_is_reported_before_anything_is_written(bad_input, tmp_path):
     files_before = previous_run(tmp_path / "previous")
     arguments, message_parts = bad_input(tmp_path)
 
-    with pytest.raises(FinetuneError) as error:
+    with pytest.raises(TrainingError) as error:
         run_main(*arguments, "--output_dir", tmp_path / "previous", "--overwrite_output_dir")
 
     for part in message_parts:

@@ -11,7 +11,10 @@ from finetune_helpers import TINY_MODEL, fresh_accelerate_state, kill_at_checkpo
 from safetensors.torch import load_file
 
 import run_finetune
-from finetune_errors import FinetuneError
+from vit_training.checkpoints import find_checkpoint, list_checkpoints
+from vit_training.errors import TrainingError
+from vit_training.hardware import create_accelerator
+from vit_training.outputs import prepare_output_dir
 
 # 3 epochs of 12 steps, a checkpoint every 4 steps, dropout so that the random state matters too.
 RESUMABLE_RUN = [
@@ -42,7 +45,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     # Metrics come from the same weights evaluated in two processes: equal within fp32 rounding.
     assert resumed_results == pytest.approx(reference_results, rel=1e-6, abs=1e-9)
     # The newest three (--checkpoints_total_limit's default), and the one the run resumed from.
-    kept = [p.name for p in run_finetune.list_checkpoints(killed_dir)]
+    kept = [p.name for p in list_checkpoints(killed_dir)]
     assert kept[-3:] == ["checkpoint-28", "checkpoint-32", "checkpoint-36"] and len(kept) == 4
 
 
@@ -65,15 +68,15 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_to_resume_from(tm
         run_main(*RESUMABLE_RUN, "--output_dir", output_dir)
     monkeypatch.setattr(Accelerator, "save_state", save_state)
 
-    assert [p.name for p in run_finetune.list_checkpoints(output_dir)] == ["checkpoint-4"]
+    assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-4"]
     assert (output_dir / "tmp" / "checkpoint-8").is_dir()  # the unfinished save, never taken for a checkpoint
-    assert run_finetune.find_checkpoint("latest", output_dir) == output_dir / "checkpoint-4"
+    assert find_checkpoint("latest", output_dir) == output_dir / "checkpoint-4"
 
     results = run_main(*RESUMABLE_RUN, "--output_dir", output_dir, "--resume_from_checkpoint", "latest")
     assert results["epoch"] == 3
     assert not (output_dir / "tmp").exists()  # the unfinished save was redone at step 8, then rotated out
     kept = ["checkpoint-4", "checkpoint-28", "checkpoint-32", "checkpoint-36"]  # resumed from, and the newest three
-    assert [p.name for p in run_finetune.list_checkpoints(output_dir)] == kept
+    assert [p.name for p in list_checkpoints(output_dir)] == kept
 
 
 def fake_run_folder(folder, steps=(4, 8, 12)):
@@ -89,7 +92,8 @@ def fake_run_folder(folder, steps=(4, 8, 12)):
 def prepare(folder, *flags, checkpoint=None):
     with fresh_accelerate_state():
         args = run_finetune.parse_args([*map(str, flags), "--output_dir", str(folder)])
-        run_finetune.prepare_output_dir(folder, checkpoint, args, run_finetune.create_accelerator(args))
+        accelerator = create_accelerator(folder, args.training.seed)
+        prepare_output_dir(folder, checkpoint, args.output.overwrite_output_dir, accelerator)
 
 
 def test_overwrite_deletes_the_previous_runs_outputs_and_checkpoints_only(tmp_path):
@@ -101,7 +105,7 @@ def test_overwrite_deletes_the_previous_runs_outputs_and_checkpoints_only(tmp_pa
 def test_resuming_from_an_older_checkpoint_drops_the_abandoned_newer_ones(tmp_path):
     fake_run_folder(tmp_path)
     prepare(tmp_path, "--resume_from_checkpoint", tmp_path / "checkpoint-4", checkpoint=tmp_path / "checkpoint-4")
-    assert run_finetune.list_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "notes.txt").exists()
 
 
@@ -110,8 +114,8 @@ def test_overwrite_while_resuming_from_another_folder_clears_this_one(tmp_path):
     fake_run_folder(tmp_path / "new", steps=(50,))
     source = tmp_path / "old" / "checkpoint-4"
     prepare(tmp_path / "new", "--overwrite_output_dir", "--resume_from_checkpoint", source, checkpoint=source)
-    assert run_finetune.list_checkpoints(tmp_path / "new") == []
-    assert run_finetune.list_checkpoints(tmp_path / "old") == [tmp_path / "old" / f"checkpoint-{s}" for s in (4, 8, 12)]
+    assert list_checkpoints(tmp_path / "new") == []
+    assert list_checkpoints(tmp_path / "old") == [tmp_path / "old" / f"checkpoint-{s}" for s in (4, 8, 12)]
 
 
 # 2 epochs of 6 steps, a checkpoint every 2 steps: the default --checkpoints_total_limit keeps those of steps 8, 10, 12.
@@ -143,12 +147,12 @@ def truncate(path):
 
 
 def test_checkpoints_beyond_the_limit_are_deleted_but_never_the_one_resumed_from(finished_run, tmp_path):
-    assert [p.name for p in run_finetune.list_checkpoints(finished_run)] == [f"checkpoint-{s}" for s in (8, 10, 12)]
+    assert [p.name for p in list_checkpoints(finished_run)] == [f"checkpoint-{s}" for s in (8, 10, 12)]
     output_dir = copy_of(finished_run, tmp_path)
 
     run_main(*short_run(output_dir, checkpoints_total_limit=1), "--resume_from_checkpoint", output_dir / "checkpoint-8")
 
-    assert [p.name for p in run_finetune.list_checkpoints(output_dir)] == ["checkpoint-8", "checkpoint-12"]
+    assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-8", "checkpoint-12"]
     assert_same_weights(output_dir, finished_run)
 
 
@@ -207,6 +211,6 @@ def test_a_resume_that_cannot_continue_the_checkpoint_is_refused_with_the_reason
     files_before = {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()}
     resume_from = resume_from if resume_from == "latest" else output_dir / resume_from
 
-    with pytest.raises(FinetuneError, match=re.escape(message)):
+    with pytest.raises(TrainingError, match=re.escape(message)):
         run_main(*short_run(output_dir, **changes), "--resume_from_checkpoint", resume_from)
     assert {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == files_before

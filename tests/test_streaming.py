@@ -18,10 +18,10 @@ from finetune_helpers import TINY_MODEL, kill_at_checkpoint, run_main, script_en
 from PIL import Image
 from safetensors.torch import load_file
 
-import finetune_utils
-import run_finetune
-import streaming_data
-from finetune_utils import FinetuneError
+from vit_training import streaming
+from vit_training.augment import SAMPLE_INDEX
+from vit_training.checkpoints import list_checkpoints
+from vit_training.errors import TrainingError
 
 CLASSES = ["red", "green", "blue", "grey"]
 
@@ -73,16 +73,16 @@ def test_parquet_and_webdataset_shards_stream_every_image_once(tmp_path):
     parquet = write_parquet_shards(tmp_path / "parquet", [5, 3, 4])
     tars = write_tar_shards(tmp_path / "tars", [5, 3, 4], num_classes=4)
     for source, columns in ((parquet, ("image", "label")), (tars, ("png", "cls"))):
-        data = streaming_data.load_streaming_data(*columns, seed=0, train=source, validation=source)
+        data = streaming.load_streaming_data(*columns, seed=0, train=source, validation=source)
         assert data.shard_sizes in ([5, 3, 4], [5, 4, 3], [3, 5, 4], [3, 4, 5], [4, 5, 3], [4, 3, 5])
         assert len(data.validation) == 12 and data.test is None
         seen = []
 
         def transform(batch, seen=seen):  # the collate_fn's transform: sees the images and their ids
-            seen.extend(zip(batch[finetune_utils.SAMPLE_INDEX], batch[columns[1]], strict=True))
+            seen.extend(zip(batch[SAMPLE_INDEX], batch[columns[1]], strict=True))
             return {"pixel_values": torch.zeros(len(batch[columns[1]])), "labels": batch[columns[1]]}
 
-        loader = streaming_data.StreamLoader(
+        loader = streaming.StreamLoader(
             data.train, transform, *columns, data.labels, data.labels_are_names, batch_size=5, num_workers=0,
             seed=0, shuffle_buffer_size=4, process_index=0, num_processes=1, device=torch.device("cpu"),
             image_shape=(3, 16, 16),
@@ -168,7 +168,7 @@ def test_a_corrupt_shard_is_named_before_training(tmp_path, shard_format):
     corrupt.write_bytes(corrupt.read_bytes()[:300])  # a copy cut short
     flags = WEBDATASET_COLUMNS if shard_format == "tar" else []
     fix = "Copy or download it again, or move it out of the folder"
-    with pytest.raises(FinetuneError, match=rf"(?s){re.escape(str(corrupt))}.*{fix}"):
+    with pytest.raises(TrainingError, match=rf"(?s){re.escape(str(corrupt))}.*{fix}"):
         run_main(*TINY_MODEL, *flags, "--streaming", "--train_dir", shards, "--validation_dir", shards,
                  "--output_dir", tmp_path / "out")  # fmt: skip
     assert not (tmp_path / "out").exists()
@@ -187,12 +187,12 @@ def test_a_bad_image_is_skipped_and_counted_or_stops_the_run_after_a_checkpoint(
     assert skipped["skipped_images"] == 2  # once per epoch
 
     stopped_dir = tmp_path / "stop"
-    with pytest.raises(FinetuneError, match=r"sample '00009' of shard .*shard-1\.tar.*--resume_from_checkpoint latest"):
+    with pytest.raises(TrainingError, match=r"sample '00009' of shard .*shard-1\.tar.*--resume_from_checkpoint latest"):
         run_main(*run, "--output_dir", stopped_dir)
-    assert len(run_finetune.list_checkpoints(stopped_dir)) == 1  # the images trained on so far
+    assert len(list_checkpoints(stopped_dir)) == 1  # the images trained on so far
     assert not (stopped_dir / "all_results.json").exists()
     # The run goes on after the bad image; it stops again at the next one, in the second epoch.
-    with pytest.raises(FinetuneError, match="sample '00009'"):
+    with pytest.raises(TrainingError, match="sample '00009'"):
         run_main(*run, "--output_dir", stopped_dir, "--resume_from_checkpoint", "latest")
     resumed = run_main(*run, "--output_dir", stopped_dir, "--resume_from_checkpoint", "latest")
     assert resumed["skipped_images"] == 2

@@ -1,24 +1,21 @@
-"""Images in: image folders listed in one pass, images decoded and converted to the model's channels, and a
-small dataset held in memory as uint8 tensors and augmented a whole batch at a time.
-
-Two paths lead from a dataset to training batches. A dataset that fits in memory is decoded once, in parallel, into
-one uint8 tensor; each batch is then cropped, flipped and normalised with a single `grid_sample` in the training
-process, so no core waits for a loader. A larger one is decoded and augmented image by image in loader worker
-processes (`finetune_utils.TrainTransform`). Either way an image's augmentation depends only on (seed, epoch, sample),
-so a resumed or distributed run sees the same images as an uninterrupted single-process one.
-"""
+"""Images in: image folders listed in one pass, images decoded and converted to the model's channels, bad files
+named, and a small dataset decoded once, in parallel, into one uint8 tensor held in memory."""
 
 import io
 import logging
 import math
 import multiprocessing
 import os
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from convert_checkpoint import shorten
+from vit_training.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +26,6 @@ IMAGE_EXTENSIONS = frozenset(
     ".eps .psd .blp .xbm .xpm .ras .dib .fli .flc .apng".split()
 )
 METADATA_FILES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parquet"})
-
-
-# The key under which training batches say which samples they hold (positions in the training split).
-SAMPLE_INDEX = "sample_index"
 
 
 class BadImageError(Exception):
@@ -165,6 +158,19 @@ def find_bad_images(dataset, image_column: str, processes: int = 1) -> list[str]
     return [message for messages in _map(_check_chunk, jobs, processes) for message in messages]
 
 
+def verify_images(splits: dict, image_column: str, processes: int):
+    """Decode every image of every split before training, in parallel, and name the ones that fail."""
+    start = time.perf_counter()
+    bad = [message for split in splits.values() for message in find_bad_images(split, image_column, processes)]
+    if bad:
+        raise TrainingError(
+            f"{len(bad)} image(s) cannot be decoded: {shorten(bad, limit=5)}. Remove or replace them, or pass "
+            "--on_bad_image skip to train without them."
+        )
+    images = sum(len(split) for split in splits.values())
+    logger.info(f"Verified {images} images in {time.perf_counter() - start:.1f} s")
+
+
 def _check_chunk(values: list) -> list[str]:
     bad = []
     for value in values:
@@ -251,86 +257,3 @@ class InMemoryImages(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> dict:
         indices = torch.as_tensor(indices)
         return {"images": self.images[indices], "labels": self.labels[indices], "indices": indices}
-
-
-class BatchNormalize:
-    """collate_fn for an `InMemoryImages` loader: uint8 images to normalised float `pixel_values`."""
-
-    def __init__(self, mean: list[float], std: list[float]):
-        self.std_255 = torch.tensor(std).view(1, -1, 1, 1) * 255
-        self.mean_255 = torch.tensor(mean).view(1, -1, 1, 1) * 255
-
-    def __call__(self, batch: dict) -> dict:
-        return {"pixel_values": (batch["images"].float() - self.mean_255) / self.std_255, "labels": batch["labels"]}
-
-
-class BatchAugment(BatchNormalize):
-    """collate_fn that augments a whole batch of uint8 images at once: random resized crop, optional flip, normalise.
-
-    The crop follows torchvision's `RandomResizedCrop` (area fraction uniform in `scale`, log aspect ratio uniform
-    in [3/4, 4/3]), clamped to the image instead of retried, and is sampled bilinearly by one `grid_sample` for the
-    batch. Each sample's parameters are drawn from a table made per epoch from (seed, epoch), indexed by the
-    sample's position in the dataset: they do not depend on the batch, the process or the draw order.
-    """
-
-    def __init__(
-        self,
-        output_size: tuple[int, int],
-        scale: tuple[float, float],
-        flip: bool,
-        mean: list[float],
-        std: list[float],
-        num_samples: int,
-        seed: int,
-    ):
-        super().__init__(mean, std)
-        self.output_size, self.crop_scale, self.flip = tuple(output_size), tuple(scale), flip
-        self.num_samples, self.seed = num_samples, seed
-        self.epoch = 0
-        self._table_epoch, self._table = None, None
-
-    def epoch_table(self, epoch: int) -> torch.Tensor:
-        """`(num_samples, 5)` uniforms: area, aspect ratio, horizontal and vertical position, flip."""
-        if self._table_epoch != epoch:
-            generator = torch.Generator().manual_seed(hash((self.seed, epoch)) % 2**63)
-            self._table = torch.rand(self.num_samples, 5, generator=generator, dtype=torch.float64)
-            self._table_epoch = epoch
-        return self._table
-
-    def __call__(self, batch: dict) -> dict:
-        images = batch["images"].float()
-        boxes = self.crop_boxes(self.epoch_table(self.epoch)[batch["indices"]], images.shape[-2:])
-        images = resized_crops(images, boxes, self.output_size)
-        normalized = (images - self.mean_255) / self.std_255
-        return {"pixel_values": normalized, "labels": batch["labels"], SAMPLE_INDEX: batch["indices"]}
-
-    def crop_boxes(self, draws: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
-        """`(batch, 5)` crops from the uniform draws: left, top, width, height in pixels, and 1 to mirror."""
-        height, width = input_size
-        area = (self.crop_scale[0] + (self.crop_scale[1] - self.crop_scale[0]) * draws[:, 0]) * height * width
-        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * draws[:, 1])
-        crop_width = torch.sqrt(area * ratio).clamp(max=width)
-        crop_height = torch.sqrt(area / ratio).clamp(max=height)
-        left = (width - crop_width) * draws[:, 2]
-        top = (height - crop_height) * draws[:, 3]
-        mirror = ((draws[:, 4] < 0.5) & self.flip).double()
-        return torch.stack([left, top, crop_width, crop_height, mirror], dim=1)
-
-
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
-    """Crop each image to its box (left, top, width, height, mirror) and resize it to `output_size`, bilinearly.
-
-    One `grid_sample` for the whole batch. Output pixel centres map to the input as `F.interpolate(...,
-    align_corners=False)` maps them, so for a whole-pixel box the result is torchvision's `resized_crop` without
-    antialiasing (then `hflip` when mirrored), except on the box's edge rows and columns when it is enlarged: there
-    the pixels just outside the box blend in, where torchvision repeats the edge.
-    """
-    height, width = images.shape[-2:]
-    left, top, crop_width, crop_height, mirror = boxes.double().unbind(1)
-    theta = torch.zeros(len(boxes), 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = crop_width / width * (1 - 2 * mirror)
-    theta[:, 0, 2] = (2 * left + crop_width) / width - 1
-    theta[:, 1, 1] = crop_height / height
-    theta[:, 1, 2] = (2 * top + crop_height) / height - 1
-    grid = torch.nn.functional.affine_grid(theta.float(), [len(images), images.shape[1], *output_size], False)
-    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -32,17 +32,18 @@ from datasets.distributed import split_dataset_by_node
 from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-import image_data
 from convert_checkpoint import shorten
-from finetune_utils import SAMPLE_INDEX, FinetuneError, check_columns, share_batches_as_files, subsample
+from vit_training import images as image_files
+from vit_training.augment import SAMPLE_INDEX, SKIPPED_LABEL
+from vit_training.data import check_columns, subsample
+from vit_training.errors import TrainingError
+from vit_training.loaders import share_batches_as_files
 
 logger = logging.getLogger(__name__)
 
 # The shard formats a local stream can be made of, by file extension, as `datasets` names them.
 SHARD_FORMATS = {".parquet": "parquet", ".tar": "webdataset"}
 BAD_IMAGE_POLICIES = ("stop", "skip")
-# The label of the image in a padding batch: cross-entropy's `ignore_index`, so it adds no loss and no gradient.
-PADDING_LABEL = -100
 
 
 @dataclass
@@ -100,12 +101,12 @@ def load_streaming_data(
         try:
             split_names = datasets.get_dataset_split_names(dataset_name, dataset_config_name)
         except Exception as error:
-            raise FinetuneError(
+            raise TrainingError(
                 f"Could not open the dataset {dataset_name!r} on the Hugging Face Hub to stream it: {error}. Check the "
                 "name, your connection and that HF_HUB_OFFLINE is not set, or stream local shards with --train_dir."
             ) from error
         if "validation" not in split_names:
-            raise FinetuneError(
+            raise TrainingError(
                 f"--streaming needs a validation split to evaluate on, and {dataset_name} has only {split_names}. "
                 "Train without --streaming (a validation split is then held out), or use local shards with "
                 "--train_dir and --validation_dir."
@@ -119,7 +120,7 @@ def load_streaming_data(
         }
     else:
         if validation is None:
-            raise FinetuneError(
+            raise TrainingError(
                 "--streaming needs a --validation_dir of shards to evaluate on (and to read the classes from)."
             )
         shard_format, shards = list_shards(train, "--train_dir")
@@ -135,7 +136,7 @@ def load_streaming_data(
                     count_samples(shard, eval_format)
                 evaluation[name] = load_dataset(eval_format, data_files={"train": eval_shards}, split="train")
     if stream.features is None:
-        raise FinetuneError(
+        raise TrainingError(
             "The training stream does not say which columns it has; --streaming needs a dataset whose features are "
             "known (Parquet files, WebDataset tars, or a Hub dataset with metadata)."
         )
@@ -166,7 +167,7 @@ def list_shards(location: str | Path, flag: str) -> tuple[str, list[str]]:
     formats = {SHARD_FORMATS[Path(f).suffix] for f in shards}
     if not shards or len(formats) > 1:
         found = f"{len(files)} file(s): {shorten([Path(f).name for f in files], limit=3)}" if files else "nothing"
-        raise FinetuneError(
+        raise TrainingError(
             f"{flag} {location}: --streaming reads a folder (or a glob) of Parquet files (*.parquet) or of WebDataset "
             f"tar shards (*.tar), all of one format; found {found}. An image folder is read without --streaming."
         )
@@ -186,7 +187,7 @@ def count_samples(shard: str, shard_format: str) -> int:
         return sum(1 for i, key in enumerate(keys) if key is not None and (i == 0 or key != keys[i - 1]))
     except (OSError, tarfile.TarError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         kind = "Parquet file" if shard_format == "parquet" else "tar archive"
-        raise FinetuneError(
+        raise TrainingError(
             f"The shard {shard} is not a readable {kind} ({type(error).__name__}: {error}); it is probably truncated "
             "or corrupt. Copy or download it again, or move it out of the folder, then rerun."
         ) from error
@@ -211,7 +212,7 @@ def class_names(feature, validation: Dataset, label_column: str) -> tuple[list[s
     string_labels = isinstance(feature, datasets.Value) and feature.dtype == "string"
     index_labels = isinstance(feature, datasets.Value) and feature.dtype.startswith("int")
     if names is None or not (string_labels or index_labels):
-        raise FinetuneError(
+        raise TrainingError(
             f"Cannot tell the classes of the stream: its label column {label_column!r} holds {feature} and the "
             f"validation split's holds {validation_feature}. Label columns hold class names, class indices or a "
             "ClassLabel; pass --label_column_name with the column that holds the classes."
@@ -235,7 +236,7 @@ class BlockShuffle:
     """A batched `map` function: shuffles each block of images with a generator seeded by (seed, epoch, block).
 
     Being a function of the block alone, the shuffle is repeated exactly when a resumed stream reads the block again.
-    Adds the images' `sample_index` (see `sample_id`).
+    Adds the images' `SAMPLE_INDEX` (see `sample_id`), which seeds their augmentation.
     """
 
     def __init__(self, image_column: str, seed: int):
@@ -283,8 +284,8 @@ class StreamCollate:
             try:
                 if not 0 <= label < self.num_labels:
                     raise ValueError(f"its label {example[self.label_column]!r} is not one of the classes")
-                image = image_data.open_image(example[self.image_column])  # decodes all pixels: a truncated one fails
-            except (ValueError, TypeError, image_data.BadImageError) as error:
+                image = image_files.open_image(example[self.image_column])  # decodes all pixels: a truncated one fails
+            except (ValueError, TypeError, image_files.BadImageError) as error:
                 bad.append(f"{describe(example, self.image_column)}: {error}")
                 continue
             images.append(image)
@@ -324,7 +325,7 @@ class StreamLoader:
         gather: this process's list -> the lists of all processes, joined in process order (`accelerate.utils.
             gather_object`; the identity for one process).
         image_shape: (channels, height, width) of the transformed images: the shape of the one image of a padding
-            batch, which a process yields when it has no images left (labelled `PADDING_LABEL`).
+            batch, which a process yields when it has no images left (labelled `SKIPPED_LABEL`).
         on_bad_image: `skip` leaves undecodable images out and counts them; `stop` ends the epoch after the batch
             that held one, setting `stop_reason`.
     """
@@ -378,7 +379,7 @@ class StreamLoader:
         self.process_index, self.device = process_index, device
         self.padding_batch = {
             "pixel_values": torch.zeros(1, *image_shape),
-            "labels": torch.tensor([PADDING_LABEL]),
+            "labels": torch.tensor([SKIPPED_LABEL]),
         }
         self.on_bad_image, self.any_process, self.gather = on_bad_image, any_process, gather
         self.epoch = 0
@@ -413,7 +414,7 @@ class StreamLoader:
             # One all-reduce per batch: whether any process failed, still reads, or stops.
             failed, reading, stopping = self.any_process([error is not None, batch is not None, stop])
             if failed:
-                raise FinetuneError(self._failure_message(error)) from error
+                raise TrainingError(self._failure_message(error)) from error
             if not reading:
                 return
             for description in bad:
