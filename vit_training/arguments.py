@@ -13,6 +13,7 @@ import ast
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -518,8 +519,6 @@ def add_flag(group, name: str, dest: str, **options):
 
 def parse_args(argv: list[str] | None, description: str) -> Arguments:
     """The arguments of `argv` (default: the command line), checked; a bad value exits with a usage error."""
-    import sys
-
     parser = build_parser(description)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and Path(argv[0]).suffix in (".json", ".yaml", ".yml"):
@@ -554,10 +553,12 @@ def parse_args(argv: list[str] | None, description: str) -> Arguments:
 
 def file_arguments(path: Path, parser: argparse.ArgumentParser) -> list[str]:
     """The flags of a JSON or YAML file of `{flag: value}`, as command-line words."""
+    import yaml
+
     try:
         text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
-    except (OSError, ValueError) as error:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
         parser.error(f"cannot read the arguments file {path}: {error}")
     if not isinstance(values, dict):
         parser.error(f"the arguments file {path} holds {type(values).__name__}, not a mapping of flags to values")
