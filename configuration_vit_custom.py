@@ -101,7 +101,7 @@ class ViTCustomConfig(PreTrainedConfig):
             raise ValueError(
                 f"{pretrained_model_name_or_path} is a {model_type!r} checkpoint, not a {cls.model_type!r} one. Import "
                 "it once with `python convert_checkpoint.py SOURCE OUTPUT_DIR`, or load it directly with "
-                "`convert_checkpoint.load_vit_custom(SOURCE)`."
+                "`vit_loading.load_model(SOURCE)`."
             )
         return config_dict, kwargs
 

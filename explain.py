@@ -4,7 +4,7 @@
     python explain.py outputs/vit-custom-digits          # a digits model from run_finetune.py, on 8 of the test digits
     python explain.py outputs/vit-base --images cat.jpg dog.png --class_index 281
 
-The model is anything convert_checkpoint.py reads: a vit-custom folder, a transformers ViT or timm checkpoint, or a
+The model is anything vit_loading.load_model reads: a vit-custom folder, a transformers ViT or timm checkpoint, or a
 Hub repo. Any image files work: each is converted to the model's channels and resized by the model's image processor.
 Written into --output_dir:
 
@@ -22,17 +22,17 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 from PIL import Image, UnidentifiedImageError
 
-import convert_checkpoint
 import explain_figures as figures
 import explain_vit_custom as explain
 from explain_vit_custom import HEAD_FUSIONS
 from vit_training.data import DIGITS_DATASET_ID, load_digits_dataset
+from vit_loading import load_model
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     """Write the figures that `argv` (default: the command line) asks for; returns their paths."""
     args = parse_args(argv)
-    model, image_processor = convert_checkpoint.load_with_image_processor(args.model)
+    model, image_processor = load_model(args.model)
     config = model.config
     if args.images:
         names, images, labels = [path.stem for path in args.images], read_images(args.images), None

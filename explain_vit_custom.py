@@ -259,7 +259,7 @@ def vit_encoder(model: torch.nn.Module) -> torch.nn.Module:
     if model_type != "vit_custom":
         raise ValueError(
             f"Expected a vit-custom model, got {type(model).__name__} (model_type {model_type!r}). Import transformers "
-            "ViT and timm checkpoints with convert_checkpoint.load_vit_custom(...)."
+            "ViT and timm checkpoints with vit_loading.load_model(...)."
         )
     return model.base_model
 

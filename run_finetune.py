@@ -29,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import convert_checkpoint
-from convert_checkpoint import shorten
+import vit_loading
+from vit_loading import shorten
 from vit_training.arguments import Arguments, ModelArguments
 from vit_training.arguments import parse_args as parse_arguments
 from vit_training.errors import DivergedError, TrainingError
@@ -437,24 +437,18 @@ def card_facts(args: Arguments, results: dict):
 
 def load_model(model: ModelArguments, labels: list[str]) -> tuple[ViTCustomForImageClassification, ViTImageProcessor]:
     """A model for `labels` with its image processor: a checkpoint adapted to the data, or a new model."""
-    from modeling_vit_custom import ViTCustomForImageClassification
-
     if model.model_name_or_path is None:
-        config = new_model_config(model, labels)
-        return ViTCustomForImageClassification(config), default_image_processor(config)
-    overrides = model.config
+        return vit_loading.new_model(new_model_config(model, labels))
     try:
-        # Any checkpoint the converter reads: vit_custom, transformers ViT or timm; a folder or a Hub repo.
-        source = convert_checkpoint.resolve_source(model.model_name_or_path, model.model_revision)
-        pretrained_config, state_dict = convert_checkpoint.read_checkpoint(source, **overrides)
-        check_head(pretrained_config, labels, model.ignore_mismatched_sizes)
-        config, state_dict = convert_checkpoint.adapt_checkpoint(
-            pretrained_config, state_dict, **overrides, **label_fields(labels)
+        return vit_loading.load_model(
+            model.model_name_or_path,
+            revision=model.model_revision,
+            labels=labels,
+            head="new" if model.ignore_mismatched_sizes else "check",
+            **model.config,
         )
-        image_processor = convert_checkpoint.load_image_processor(source, config.image_size)
-    except (OSError, ValueError) as error:  # the converter names what is wrong with the checkpoint or the flags
+    except (OSError, ValueError) as error:  # the message names what is wrong with the checkpoint or the flags
         raise TrainingError(f"Cannot fine-tune {model.model_name_or_path}: {error}") from error
-    return convert_checkpoint.model_from_state_dict(config, state_dict), image_processor
 
 
 def new_model_config(model: ModelArguments, labels: list[str]) -> ViTCustomConfig:
@@ -464,37 +458,9 @@ def new_model_config(model: ModelArguments, labels: list[str]) -> ViTCustomConfi
 
     base = PRESETS[model.preset] if model.preset else DIGITS_MODEL
     try:
-        return ViTCustomConfig(**{**base, **model.config, **label_fields(labels)})
+        return ViTCustomConfig(**{**base, **model.config, **vit_loading.label_fields(labels)})
     except ValueError as error:  # the config names the bad value and its fix
         raise TrainingError(f"Invalid model configuration: {error}") from error
-
-
-def label_fields(labels: list[str]) -> dict:
-    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
-
-
-def check_head(pretrained: ViTCustomConfig, labels: list[str], replace_head: bool):
-    """Refuse to replace the checkpoint's classification head, when its classes are not the data's, unless asked to."""
-    old_labels = [pretrained.id2label[i] for i in range(pretrained.num_labels)]
-    if old_labels != list(labels) and not replace_head:
-        raise TrainingError(
-            f"The checkpoint's head predicts {len(old_labels)} classes ({shorten(old_labels)}) but the data has "
-            f"{len(labels)} ({shorten(labels)}). Pass --ignore_mismatched_sizes to replace the head with a new one "
-            "for the data's classes."
-        )
-
-
-def default_image_processor(config: ViTCustomConfig) -> ViTImageProcessor:
-    """Resize to the model's resolution, scale to [0, 1], normalise every channel with mean 0.5 and std 0.5."""
-    from transformers import ViTImageProcessor
-
-    height, width = config.image_height_width
-    return ViTImageProcessor(
-        size={"height": height, "width": width},
-        image_mean=[0.5] * config.num_channels,
-        image_std=[0.5] * config.num_channels,
-        do_convert_rgb=config.num_channels == 3,
-    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 No pretrained ViT can be downloaded on this project's machines, so a small timm `VisionTransformer` (64 px, 8 px
 patches, 4 blocks of width 96, 3 heads) is fitted for 300 steps (minutes on 2 CPU cores) to tell six of
 scikit-image's sample photos apart from random crops of them. It is saved the way timm saves to the Hub, then
-`explain.py` imports it through `convert_checkpoint` and explains it on the full photos:
+`explain.py` imports it through `vit_loading.load_model` and explains it on the full photos:
 
     python docs/make_imported_model_figures.py docs/explain/timm
 """

@@ -107,7 +107,7 @@ def test_converter_names_an_unreadable_source_in_one_line(bad_source, tmp_path, 
     source, message = bad_source(tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        convert_checkpoint.main([str(source), str(tmp_path / "out"), "--num-attention-heads", "2"])
+        convert_checkpoint.main([str(source), str(tmp_path / "out"), "--num_attention_heads", "2"])
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1 and message in error
@@ -117,12 +117,12 @@ def test_converter_names_an_unreadable_source_in_one_line(bad_source, tmp_path, 
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--num-labels", "-3"], "--num-labels -3: must be a positive number"),
-        (["--num-labels", "0"], "--num-labels 0: must be a positive number"),
-        (["--num-attention-heads", "0"], "--num-attention-heads 0: must be a positive number"),
-        (["--image-size", "0"], "--image-size 0: give one side or height and width, in pixels"),
-        (["--image-size", "32", "32", "32"], "--image-size 32 32 32: give one side or height and width"),
-        (["--to-hf-vit", "--labels", "cat", "dog"], "--to-hf-vit exports the model as it is; --labels apply to"),
+        (["--num_labels", "-3"], "--num_labels -3: must be a positive number"),
+        (["--num_labels", "0"], "--num_labels 0: must be a positive number"),
+        (["--num_attention_heads", "0"], "--num_attention_heads 0: must be a positive number"),
+        (["--image_size", "0"], "--image_size 0: give one side or height and width, in pixels"),
+        (["--image_size", "32", "32", "32"], "--image_size 32 32 32: give one side or height and width"),
+        (["--to_hf_vit", "--labels", "cat", "dog"], "--to_hf_vit exports the model as it is; --labels apply to"),
     ],
 )
 def test_converter_refuses_arguments_without_a_valid_meaning_as_usage_errors(arguments, message, tmp_path, capsys):
@@ -136,7 +136,7 @@ def test_converter_refuses_arguments_without_a_valid_meaning_as_usage_errors(arg
     "output, arguments, message",
     [
         ("out", ["--labels", "cat", "dog", "cat"], "The labels name cat more than once"),
-        ("out", ["--labels", "cat", "dog", "--num-labels", "3"], "num_labels=3 but 2 labels were given"),
+        ("out", ["--labels", "cat", "dog", "--num_labels", "3"], "num_labels=3 but 2 labels were given"),
         ("vit/config.json/out", [], "config.json is a file, not a folder. Choose another output folder"),
         ("vit", [], "already has files; choose another folder or pass --overwrite"),
     ],
@@ -268,8 +268,8 @@ def run_command(script: str, *arguments) -> tuple[subprocess.CompletedProcess, f
     [
         ("run_finetune.py", ["--help"], 0, "--checkpoints_total_limit"),
         ("run_finetune.py", ["--seed", "-1"], 2, "argument --seed: must be between 0 and 2**32 - 1"),
-        ("convert_checkpoint.py", ["--help"], 0, "--num-labels"),
-        ("convert_checkpoint.py", ["in", "out", "--num-labels", "-3"], 2, "--num-labels -3: must be a positive"),
+        ("convert_checkpoint.py", ["--help"], 0, "--num_labels"),
+        ("convert_checkpoint.py", ["in", "out", "--num_labels", "-3"], 2, "--num_labels -3: must be a positive"),
     ],
 )
 def test_help_and_argument_errors_answer_within_two_seconds(script, arguments, status, message):

@@ -21,8 +21,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import explain
 import explain_vit_custom as ex
 from conftest import tiny_config
-from convert_checkpoint import load_vit_custom
 from modeling_vit_custom import ViTCustomForImageClassification
+from vit_loading import load_model
 
 
 def build(**overrides) -> ViTCustomForImageClassification:
@@ -327,7 +327,7 @@ def test_attention_maps_of_an_imported_transformers_vit_equal_its_own(tmp_path):
     source.save_pretrained(tmp_path)
     pixel_values = images(height=32, width=32)
     expected = torch.stack(source(pixel_values, output_attentions=True).attentions)
-    torch.testing.assert_close(ex.attention_maps(load_vit_custom(tmp_path), pixel_values), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ex.attention_maps(load_model(tmp_path)[0], pixel_values), expected, rtol=0, atol=1e-5)
 
 
 def test_attention_maps_of_an_imported_timm_vit_equal_its_own(tmp_path):
@@ -344,7 +344,7 @@ def test_attention_maps_of_an_imported_timm_vit_equal_its_own(tmp_path):
     with torch.no_grad():
         source(pixel_values)
     save_for_hf(source, tmp_path / "timm", safe_serialization=True)
-    maps = ex.attention_maps(load_vit_custom(tmp_path / "timm"), pixel_values)
+    maps = ex.attention_maps(load_model(tmp_path / "timm")[0], pixel_values)
     torch.testing.assert_close(maps, torch.stack(captured), rtol=0, atol=1e-5)
 
 
@@ -440,7 +440,8 @@ def test_a_model_without_attention_weights_is_a_clear_error():
     with pytest.raises(ValueError, match="The model returned no attention weights"):
         ex.attention_maps(model, images())
     vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1))
-    with pytest.raises(ValueError, match=r"got ViTForImageClassification \(model_type 'vit'\).*load_vit_custom"):
+    expected = r"got ViTForImageClassification \(model_type 'vit'\).*vit_loading\.load_model"
+    with pytest.raises(ValueError, match=expected):
         ex.attention_maps(vit, images())
 
 

@@ -128,7 +128,7 @@ def test_push_then_load_in_fresh_process_gives_the_same_logits_and_pinned_revisi
     assert "is not a valid git identifier" in loaded["missing_revision"]
 
 
-# Pushes two versions of a transformers ViT, then imports each through convert_checkpoint by revision.
+# Pushes two versions of a transformers ViT, then imports each through vit_loading.load_model by revision.
 IMPORT_PINNED_REVISION = """
 import json, sys
 import torch
@@ -136,7 +136,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 repo_id, repo_root = sys.argv[1:]
 sys.path.insert(0, repo_root)
-import convert_checkpoint
+import vit_loading
 
 config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                    intermediate_size=64, num_labels=3)
@@ -152,7 +152,7 @@ for seed, mean in ((0, 0.3), (1, 0.6)):
 
 def import_logits(revision):
     with torch.no_grad():
-        return convert_checkpoint.load_vit_custom(repo_id, revision=revision)(pixel_values).logits
+        return vit_loading.load_model(repo_id, revision=revision)[0](pixel_values).logits
 
 def error_of(call):
     try:
@@ -168,14 +168,14 @@ print(json.dumps({
     "first vs first push": difference(first, pushed_logits[0]),
     "first vs second push": difference(first, pushed_logits[1]),
     "latest vs second push": difference(latest, pushed_logits[1]),
-    "first image_mean": convert_checkpoint.load_image_processor(repo_id, 16, revision=commits[0]).image_mean,
-    "missing revision": error_of(lambda: convert_checkpoint.load_vit_custom(repo_id, revision="no-such-branch")),
-    "local path with revision": error_of(lambda: convert_checkpoint.resolve_source(repo_root, revision=commits[0])),
+    "first image_mean": vit_loading.load_model(repo_id, revision=commits[0])[1].image_mean,
+    "missing revision": error_of(lambda: vit_loading.load_model(repo_id, revision="no-such-branch")),
+    "local path with revision": error_of(lambda: vit_loading.resolve_source(repo_root, revision=commits[0])),
 }))
 """
 
 
-def test_convert_checkpoint_imports_the_pinned_revision_of_a_hub_repo(hub):
+def test_load_model_reads_the_pinned_revision_of_a_hub_repo(hub):
     imported = hub.run_python(IMPORT_PINNED_REVISION, "user/vit-two-versions", REPO_ROOT, name="import")
     assert imported["first vs first push"] < 1e-5
     assert imported["first vs second push"] > 1e-3

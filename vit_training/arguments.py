@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from convert_checkpoint import unwritable_folder_reason
+from vit_loading import unwritable_folder_reason
 
 CONFIG_SOURCE = Path(__file__).resolve().parent.parent / "configuration_vit_custom.py"
 # Accelerate's trackers (accelerate.utils.LoggerType), written out because importing Accelerate takes seconds; a test

@@ -11,7 +11,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset
 from PIL import Image
 
-from convert_checkpoint import shorten
+from vit_loading import shorten
 from vit_training import images as image_files
 from vit_training.augment import SAMPLE_INDEX
 from vit_training.errors import TrainingError

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from convert_checkpoint import shorten
+from vit_loading import shorten
 from vit_training.errors import TrainingError
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 
-from convert_checkpoint import shorten
+from vit_loading import shorten
 from vit_training import images as image_files
 from vit_training.augment import EvalTransform, TrainTransform
 from vit_training.data import column

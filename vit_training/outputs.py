@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from configuration_vit_custom import AUTO_MAP
-from convert_checkpoint import shorten
+from vit_loading import shorten
 from vit_training import reporting
 from vit_training.checkpoints import STAGING_DIR, checkpoint_step, list_checkpoints
 from vit_training.errors import TrainingError

@@ -32,7 +32,7 @@ from datasets.distributed import split_dataset_by_node
 from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from convert_checkpoint import shorten
+from vit_loading import shorten
 from vit_training import images as image_files
 from vit_training.augment import SAMPLE_INDEX, SKIPPED_LABEL
 from vit_training.data import check_columns, subsample
