@@ -26,6 +26,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_vit_custom.ViTCustomConfig",
     "AutoModel": "modeling_vit_custom.ViTCustomModel",
     "AutoModelForImageClassification": "modeling_vit_custom.ViTCustomForImageClassification",
+    "AutoModelForMaskedImageModeling": "modeling_vit_custom.ViTCustomForMaskedImageModeling",
 }
 
 
@@ -54,6 +55,9 @@ class ViTCustomConfig(PreTrainedConfig):
             (never the CLS token) and normalises the average.
         interpolate_pos_encoding (`bool`): Resample the position embeddings to the size of every input, so images
             of any size divisible by the patch size are accepted without a per-call argument.
+        encoder_stride (`int`, *optional*): Upsampling factor of the SimMIM decoder of
+            `ViTCustomForMaskedImageModeling`; it must equal `patch_size` (the default, when unset), so that the
+            reconstruction has the input's size.
     """
 
     model_type = "vit_custom"
@@ -75,6 +79,7 @@ class ViTCustomConfig(PreTrainedConfig):
     use_cls_token: bool = True
     pooling: str = "cls"
     interpolate_pos_encoding: bool = False
+    encoder_stride: int | None = None
 
     def __post_init__(self, **kwargs):
         if (kwargs.get("num_labels") or 0) < 0:  # transformers would make it 0: a model without a classifier
@@ -164,6 +169,12 @@ class ViTCustomConfig(PreTrainedConfig):
             )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type={self.problem_type!r} is unknown; use one of {PROBLEM_TYPES}, or None.")
+        if self.encoder_stride is not None and self.encoder_stride != self.patch_size:
+            raise ValueError(
+                f"encoder_stride={self.encoder_stride} must equal patch_size={self.patch_size}: the masked-image "
+                "decoder turns every patch token back into patch_size x patch_size pixels. Set "
+                f"encoder_stride={self.patch_size}, or leave it unset."
+            )
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling={self.pooling!r} is unknown; use one of {POOLING_MODES}.")
         if self.pooling == "cls" and not self.use_cls_token:

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, MaskedImageModelingOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
@@ -146,9 +146,12 @@ class ViTCustomPatchEmbeddings(nn.Module):
 
 
 class ViTCustomEmbeddings(nn.Module):
-    """Patch embeddings, an optional CLS token in front, plus learned position embeddings."""
+    """Patch embeddings, an optional CLS token in front, plus learned position embeddings.
 
-    def __init__(self, config: ViTCustomConfig):
+    With `use_mask_token`, the embeddings of masked patches are replaced by a learned mask token (SimMIM).
+    """
+
+    def __init__(self, config: ViTCustomConfig, use_mask_token: bool = False):
         super().__init__()
         self.patch_size = config.patch_size
         self.grid_size = config.grid_size
@@ -156,11 +159,37 @@ class ViTCustomEmbeddings(nn.Module):
         self.interpolate_by_default = config.interpolate_pos_encoding
         self.patch_embeddings = ViTCustomPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
         num_positions = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.position_embeddings = nn.Parameter(torch.zeros(1, num_positions, config.hidden_size))
         self.dropout = dropout(config.hidden_dropout_prob)
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        patch_tokens, position_embeddings = self.patch_tokens(pixel_values, interpolate_pos_encoding, bool_masked_pos)
+        return self.dropout(self.add_prefix(patch_tokens, position_embeddings))
+
+    def patch_tokens(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch embeddings plus their positions, and the position embeddings for the input's size.
+
+        Args:
+            pixel_values: `(batch, num_channels, height, width)`.
+            interpolate_pos_encoding: resample the position embeddings to the input's size; defaults to the config's.
+            bool_masked_pos: `(batch, num_patches)`, true (or 1) where a patch is replaced by the mask token.
+
+        Returns:
+            `(batch, num_patches, hidden_size)` patch tokens and the `(1, num_positions, hidden_size)` position
+            embeddings they were given (prefix positions first), for `add_prefix`.
+        """
         height, width = pixel_values.shape[-2:]
         grid = (height // self.patch_size, width // self.patch_size)
         if interpolate_pos_encoding is None:
@@ -168,14 +197,23 @@ class ViTCustomEmbeddings(nn.Module):
         self._check_size(height, width, grid, interpolate_pos_encoding)
 
         embeddings = self.patch_embeddings(pixel_values)
-        if self.cls_token is not None:
-            embeddings = torch.cat([self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings], dim=1)
+        if bool_masked_pos is not None:
+            self._check_mask(bool_masked_pos, embeddings.shape[:2], grid)
+            mask = bool_masked_pos.unsqueeze(-1).to(embeddings.dtype)
+            embeddings = embeddings * (1.0 - mask) + self.mask_token.to(embeddings.dtype) * mask
         position_embeddings = self.position_embeddings
         if interpolate_pos_encoding:
             position_embeddings = resample_position_embeddings(
                 position_embeddings, grid, self.grid_size, self.num_prefix_tokens
             )
-        return self.dropout(embeddings + position_embeddings)
+        return embeddings + position_embeddings[:, self.num_prefix_tokens :], position_embeddings
+
+    def add_prefix(self, patch_tokens: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
+        """Put the CLS token, plus its position embedding, in front of `patch_tokens` (any subset of the patches)."""
+        if self.cls_token is None:
+            return patch_tokens
+        cls_tokens = (self.cls_token + position_embeddings[:, :1]).expand(patch_tokens.shape[0], -1, -1)
+        return torch.cat([cls_tokens, patch_tokens], dim=1)
 
     def _check_size(self, height: int, width: int, grid: tuple[int, int], interpolate: bool):
         if height % self.patch_size or width % self.patch_size:
@@ -189,6 +227,19 @@ class ViTCustomEmbeddings(nn.Module):
                 f"Input image size ({height}x{width}) doesn't match the model's image size "
                 f"({trained[0]}x{trained[1]}). Resize the images, pass interpolate_pos_encoding=True, or set "
                 "config.interpolate_pos_encoding=True to resample the position embeddings for every input."
+            )
+
+    def _check_mask(self, bool_masked_pos: torch.Tensor, batch_and_patches: torch.Size, grid: tuple[int, int]):
+        if self.mask_token is None:
+            raise ValueError(
+                "bool_masked_pos was passed to a model without a mask token; use ViTCustomForMaskedImageModeling (or "
+                "ViTCustomModel(config, use_mask_token=True)) for masked-image modelling."
+            )
+        if tuple(bool_masked_pos.shape) != tuple(batch_and_patches):
+            raise ValueError(
+                f"bool_masked_pos has shape {tuple(bool_masked_pos.shape)}, but the images have {grid[0]}x{grid[1]} "
+                f"patches of {self.patch_size} px: pass one value per patch, of shape {tuple(batch_and_patches)}, "
+                "and mask in units of the model's patch size."
             )
 
 
@@ -358,6 +409,8 @@ class ViTCustomPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             if module.cls_token is not None:
                 init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            if module.mask_token is not None:
+                init.zeros_(module.mask_token)
 
 
 class ViTCustomModel(ViTCustomPreTrainedModel):
@@ -365,12 +418,12 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
 
     With `pooling="cls"`, `last_hidden_state` is normalised by the final LayerNorm and `pooler_output` is its CLS
     token. With `pooling="mean"`, `last_hidden_state` is the output of the last block and `pooler_output` is the
-    normalised mean of its patch tokens.
+    normalised mean of its patch tokens. `use_mask_token` adds the mask token that `bool_masked_pos` reads.
     """
 
-    def __init__(self, config: ViTCustomConfig):
+    def __init__(self, config: ViTCustomConfig, use_mask_token: bool = False):
         super().__init__(config)
-        self.embeddings = ViTCustomEmbeddings(config)
+        self.embeddings = ViTCustomEmbeddings(config, use_mask_token=use_mask_token)
         depth = config.num_hidden_layers
         drop_path_rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]
         self.layers = nn.ModuleList([ViTCustomLayer(config, rate) for rate in drop_path_rates])
@@ -390,6 +443,7 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
@@ -398,10 +452,14 @@ class ViTCustomModel(ViTCustomPreTrainedModel):
                 image processor prepares them.
             interpolate_pos_encoding (`bool`, *optional*): resample the position embeddings to the input's size;
                 defaults to `config.interpolate_pos_encoding`.
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): patches to replace by
+                the mask token (true or 1); needs `use_mask_token=True`.
         """
         check_pixel_values(pixel_values, self.config.num_channels)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states = self.embeddings(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
+        )
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)
         sequence_output = self.layernorm(hidden_states)
@@ -494,8 +552,65 @@ class ViTCustomForImageClassification(ViTCustomPreTrainedModel):
         return losses.sum() / num_items_in_batch
 
 
+class ViTCustomForMaskedImageModeling(ViTCustomPreTrainedModel):
+    """ViT with the SimMIM decoder (Xie et al., 2022): masked patches are replaced by a mask token, and a linear layer
+    turns every patch token back into the patch's pixels (a 1x1 convolution, then a pixel shuffle at
+    `config.encoder_stride`). The loss is the L1 distance to the input on the masked pixels only.
+
+    Loads with `AutoModelForMaskedImageModeling`, so transformers' `run_mim.py` pre-trains it with
+    `--trust_remote_code`; the `vit.*` weights then load into `ViTCustomForImageClassification`.
+    """
+
+    def __init__(self, config: ViTCustomConfig):
+        super().__init__(config)
+        # run_mim.py changes image_size, patch_size and encoder_stride with config.update, which skips the checks.
+        config._check_values()
+        stride = config.encoder_stride or config.patch_size
+        self.vit = ViTCustomModel(config, use_mask_token=True)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1), nn.PixelShuffle(stride)
+        )
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> MaskedImageModelingOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, num_channels, height, width)`): the images.
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): the patches to mask
+                (true or 1), in row-major order; without it nothing is masked and no loss is returned.
+            interpolate_pos_encoding (`bool`, *optional*): see `ViTCustomModel.forward`.
+        """
+        kwargs.pop("num_items_in_batch", None)  # Trainer's count of labels: this loss has no labels
+        outputs = self.vit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, bool_masked_pos=bool_masked_pos, **kwargs
+        )
+        patch_tokens = outputs.last_hidden_state[:, self.config.num_prefix_tokens :]
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        feature_map = patch_tokens.transpose(1, 2).reshape(patch_tokens.shape[0], -1, *grid)
+        reconstruction = self.decoder(feature_map)
+
+        loss = None
+        if bool_masked_pos is not None:
+            size = self.config.patch_size
+            mask = bool_masked_pos.reshape(-1, 1, *grid).to(reconstruction.dtype)
+            mask = mask.repeat_interleave(size, 2).repeat_interleave(size, 3)
+            errors = nn.functional.l1_loss(pixel_values.to(reconstruction.dtype), reconstruction, reduction="none")
+            loss = (errors * mask).sum() / (mask.sum() + 1e-5) / self.config.num_channels
+        return MaskedImageModelingOutput(
+            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
 __all__ = [
     "ViTCustomForImageClassification",
+    "ViTCustomForMaskedImageModeling",
     "ViTCustomModel",
     "ViTCustomPreTrainedModel",
     "resample_position_embeddings",
@@ -506,3 +621,4 @@ __all__ = [
 ViTCustomConfig.register_for_auto_class()
 ViTCustomModel.register_for_auto_class("AutoModel")
 ViTCustomForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+ViTCustomForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")

@@ -120,7 +120,12 @@ def test_push_then_load_in_fresh_process_gives_the_same_logits_and_pinned_revisi
         f"transformers_modules.user.vit_hyphen_tiny.{first_commit}.modeling_vit_custom",
         f"transformers_modules.user.vit_hyphen_tiny.{latest_commit}.modeling_vit_custom",
     ]
-    assert set(loaded["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert set(loaded["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForImageClassification",
+        "AutoModelForMaskedImageModeling",
+    }
     assert loaded["processor"] == "ViTImageProcessor"
     scores = {p["label"]: p["score"] for p in loaded["pipeline"]}
     expected = pushed_logits[1, 0].softmax(-1)

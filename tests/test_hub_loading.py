@@ -56,6 +56,7 @@ def test_save_pretrained_writes_a_shareable_folder(tmp_path):
         "AutoConfig": "configuration_vit_custom.ViTCustomConfig",
         "AutoModel": "modeling_vit_custom.ViTCustomModel",
         "AutoModelForImageClassification": "modeling_vit_custom.ViTCustomForImageClassification",
+        "AutoModelForMaskedImageModeling": "modeling_vit_custom.ViTCustomForMaskedImageModeling",
     }
 
 

@@ -78,7 +78,12 @@ def test_default_command_trains_on_digits_and_saves_a_folder_ready_to_share(tmp_
     assert 0 <= results["test_accuracy"] <= results["test_top5_accuracy"] <= 1
 
     config = json.loads((output_dir / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert set(config["auto_map"]) == {
+        "AutoConfig",
+        "AutoModel",
+        "AutoModelForImageClassification",
+        "AutoModelForMaskedImageModeling",
+    }
     assert config["id2label"] == {str(d): str(d) for d in range(10)}
 
     card = ModelCard.load(output_dir / "README.md")
