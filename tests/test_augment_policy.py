@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from finetune_errors import FinetuneError
+from vit_training.errors import TrainingError
 from vit_training.augment_policy import SampleAugment, augment_batch, augment_policy
 
 
@@ -59,5 +59,5 @@ def test_policy_names():
     assert type(augment_policy("trivial")).__name__ == "TrivialAugmentWide"
     rand = augment_policy("rand-m7-n3")
     assert (rand.magnitude, rand.num_ops) == (7, 3)
-    with pytest.raises(FinetuneError, match="--auto_augment rand-m40-n2: must be"):
+    with pytest.raises(TrainingError, match="--auto_augment rand-m40-n2: must be"):
         augment_policy("rand-m40-n2")

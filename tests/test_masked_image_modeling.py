@@ -36,7 +36,7 @@ MASK_RATIO = 0.6
 
 def hf_vit_twin(model: ViTCustomForMaskedImageModeling) -> ViTForMaskedImageModeling:
     """transformers' SimMIM ViT with the same weights, through the repository's ViT <-> vit-custom mapping."""
-    from convert_checkpoint import hf_vit_config_from_vit_custom, hf_vit_state_dict_from_vit_custom
+    from vit_loading.hf_vit import hf_vit_config_from_vit_custom, hf_vit_state_dict_from_vit_custom
 
     config = hf_vit_config_from_vit_custom(model.config)
     config.encoder_stride = model.config.patch_size

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.transforms import v2 as T
 
-from finetune_errors import FinetuneError
-from finetune_utils import SKIPPED_LABEL
+from vit_training.errors import TrainingError
+from vit_training.augment import SKIPPED_LABEL
 from vit_training.mixing import BatchMixing, classification_loss
 
 
@@ -110,7 +110,7 @@ def test_one_loss_for_hard_and_soft_targets():
     [(torch.randint(0, 2, (4, 5)).float(), "multi-label"), (torch.randn(4), "regression")],
 )
 def test_multi_label_and_regression_labels_are_refused(labels, kind):
-    with pytest.raises(FinetuneError, match=f"mix single-label classes, but these labels look like {kind}"):
+    with pytest.raises(TrainingError, match=f"mix single-label classes, but these labels look like {kind}"):
         mixing()(torch.rand(4, 3, 8, 8), labels, step=0)
 
 

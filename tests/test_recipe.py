@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler
 from transformers import get_scheduler
 
 from conftest import tiny_config
-from finetune_errors import FinetuneError
+from vit_training.errors import TrainingError
 from modeling_vit_custom import ViTCustomForImageClassification, ViTCustomModel
 from vit_training.ema import weight_average
 from vit_training.param_groups import parameter_groups
@@ -51,19 +51,19 @@ def test_recipe_resolves_to_json_with_flags_winning(name):
     ],
 )
 def test_out_of_range_values_name_the_flag_and_range(setting, message):
-    with pytest.raises(FinetuneError, match=message):
+    with pytest.raises(TrainingError, match=message):
         resolve_recipe("from-scratch", setting)
 
 
 def test_unknown_recipe_lists_the_recipes():
-    with pytest.raises(FinetuneError, match="--recipe fast: unknown; choose one of finetune, from-scratch"):
+    with pytest.raises(TrainingError, match="--recipe fast: unknown; choose one of finetune, from-scratch"):
         resolve_recipe("fast", {})
 
 
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
 def test_mixing_refused_for_multi_label_and_regression(problem_type):
     settings = resolve_recipe("from-scratch", {})
-    with pytest.raises(FinetuneError, match="--mixup_alpha 0.8: Mixup and CutMix mix one class per image"):
+    with pytest.raises(TrainingError, match="--mixup_alpha 0.8: Mixup and CutMix mix one class per image"):
         check_mixing(settings, problem_type)
     check_mixing(resolve_recipe("from-scratch", {"mixup_alpha": 0, "cutmix_alpha": 0}), problem_type)
     check_mixing(settings, "single_label_classification")
@@ -127,7 +127,7 @@ def test_layer_decay_keeps_the_no_decay_rule():
 
 
 def test_layer_decay_without_encoder_layers_is_refused():
-    with pytest.raises(FinetuneError, match="--layer_decay 0.75: the model has no encoder layers"):
+    with pytest.raises(TrainingError, match="--layer_decay 0.75: the model has no encoder layers"):
         parameter_groups(torch.nn.Linear(3, 2), weight_decay=0.05, learning_rate=1e-3, layer_decay=0.75)
 
 

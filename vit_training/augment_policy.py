@@ -11,7 +11,7 @@ import re
 import torch
 from torchvision.transforms import v2 as T
 
-from finetune_errors import FinetuneError
+from vit_training.errors import TrainingError
 
 POLICIES = "`none`, `trivial` (TrivialAugmentWide) or `rand-m<magnitude>-n<ops>` (RandAugment, e.g. rand-m9-n2)"
 
@@ -25,7 +25,7 @@ def augment_policy(name: str) -> T.Transform | None:
     match = re.fullmatch(r"rand-m(\d+)-n(\d+)", name)
     if match and int(match[1]) <= 30 and int(match[2]) >= 1:
         return T.RandAugment(num_ops=int(match[2]), magnitude=int(match[1]))
-    raise FinetuneError(f"--auto_augment {name}: must be {POLICIES}, with a magnitude in [0, 30] and at least 1 op.")
+    raise TrainingError(f"--auto_augment {name}: must be {POLICIES}, with a magnitude in [0, 30] and at least 1 op.")
 
 
 class SampleAugment:

@@ -9,8 +9,8 @@ batch size.
 import torch
 from torchvision.transforms import v2 as T
 
-from finetune_errors import FinetuneError
-from finetune_utils import SKIPPED_LABEL
+from vit_training.errors import TrainingError
+from vit_training.augment import SKIPPED_LABEL
 
 
 class BatchMixing:
@@ -58,7 +58,7 @@ def check_mixable(labels: torch.Tensor):
     """Refuse labels Mixup and CutMix cannot mix: they mix one class per image into class probabilities."""
     if labels.ndim != 1 or labels.is_floating_point():
         kind = "multi-label (one 0/1 column per class)" if labels.ndim == 2 else "regression (real values)"
-        raise FinetuneError(
+        raise TrainingError(
             f"Mixup and CutMix mix single-label classes, but these labels look like {kind}: dtype {labels.dtype}, "
             f"shape {tuple(labels.shape)}. Train them with --mixup_alpha 0 --cutmix_alpha 0."
         )

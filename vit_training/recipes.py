@@ -6,7 +6,7 @@ user passed over a recipe; the result is every setting of the run, for all_resul
 
 import math
 
-from finetune_errors import FinetuneError
+from vit_training.errors import TrainingError
 from vit_training.augment_policy import augment_policy
 
 RECIPES = {
@@ -64,14 +64,14 @@ RECIPES = {
 def resolve_recipe(name: str, explicit: dict) -> dict:
     """Every setting of recipe `name`, with the values in `explicit` (the flags the user passed) winning; checked."""
     if name not in RECIPES:
-        raise FinetuneError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}.")
+        raise TrainingError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}.")
     settings = {"recipe": name, **RECIPES[name], **explicit}
     check_settings(settings)
     return settings
 
 
 def check_settings(settings: dict):
-    """Raise a `FinetuneError` naming the first setting outside its valid range."""
+    """Raise a `TrainingError` naming the first setting outside its valid range."""
     for name in ("mixup_alpha", "cutmix_alpha"):
         _check(settings, name, lambda value: value >= 0, "must be >= 0 (0 turns it off)")
     for name in ("random_erasing", "mix_prob", "mix_switch_prob"):
@@ -88,13 +88,13 @@ def check_settings(settings: dict):
 
 def _check(settings: dict, name: str, valid, requirement: str):
     if not valid(settings[name]):
-        raise FinetuneError(f"--{name} {settings[name]}: {requirement}.")
+        raise TrainingError(f"--{name} {settings[name]}: {requirement}.")
 
 
 def check_layer_decay(layer_decay: float | None, num_hidden_layers: int):
     """Layer decay needs encoder layers to decay over."""
     if layer_decay is not None and num_hidden_layers < 1:
-        raise FinetuneError(
+        raise TrainingError(
             f"--layer_decay {layer_decay}: the model has no encoder layers to decay the learning rate over; leave "
             "--layer_decay unset."
         )
@@ -105,7 +105,7 @@ def check_mixing(settings: dict, problem_type: str):
     if problem_type != "single_label_classification" and settings["mix_prob"] > 0:
         for name in ("mixup_alpha", "cutmix_alpha"):
             if settings[name] > 0:
-                raise FinetuneError(
+                raise TrainingError(
                     f"--{name} {settings[name]}: Mixup and CutMix mix one class per image, but this is "
                     f"{problem_type.replace('_', ' ')}; pass --mixup_alpha 0 --cutmix_alpha 0."
                 )
