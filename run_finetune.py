@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     from vit_training.augment import BatchAugment, BatchNormalize, build_transforms
     from vit_training.data import load_image_dataset, number_samples
     from vit_training.images import BadImageError, verify_images
-    from vit_training.loop import (
-        StepSettings, flags_on_any_process, parameter_groups, run_evaluation, train_one_epoch, warmup_steps,
-    )
+    from vit_training.ema import weight_average
+    from vit_training.loop import StepSettings, flags_on_any_process, run_evaluation, train_one_epoch, warmup_steps
+    from vit_training.mixing import BatchMixing
+    from vit_training.param_groups import parameter_groups
+    from vit_training.recipes import check_mixing, learning_rate
     from vit_training.run_state import TrainingProgress
 
-    data, training, output = args.data, args.training, args.output
+    data, training, recipe, output = args.data, args.training, args.recipe.settings, args.output
     output_dir = Path(output.output_dir)
     accelerator = hardware.create_accelerator(
         output_dir, training.seed, cpu=training.cpu, mixed_precision=training.mixed_precision,
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     # one is decoded and augmented image by image in loader worker processes, as the loop asks for batches.
     train_transform, eval_transform = build_transforms(
         image_processor, model.config.num_channels, columns, crop_scale=data.crop_scale, flip=data.horizontal_flip,
-        seed=training.seed, skip_bad_images=data.on_bad_image == "skip",
+        seed=training.seed, skip_bad_images=data.on_bad_image == "skip", auto_augment=recipe["auto_augment"],
+        random_erasing=recipe["random_erasing"],
     )  # fmt: skip
     augmentation = train_transform.augmentation
     cores = hardware.cores_per_process(accelerator)
@@ -195,6 +198,13 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
 
     # 3. Optimisation: AdamW, warmup then decay, everything placed on the devices by Accelerate.
     accumulation = training.gradient_accumulation_steps
+    training.learning_rate = learning_rate(recipe, batch_size * accumulation * accelerator.num_processes)
+    recipe["learning_rate"] = training.learning_rate  # reported as resolved
+    check_mixing(recipe, model.config.problem_type or "single_label_classification")
+    mixing = BatchMixing(
+        len(labels), recipe["mixup_alpha"], recipe["cutmix_alpha"], recipe["mix_prob"], recipe["mix_switch_prob"],
+        training.seed,
+    )
     if data.streaming:
         # An epoch is a pass over all shards. Its steps depend on which process reads which shards, so the schedule
         # spans the most they can take (from the counted shards); the last pass ends it, or --max_train_steps does.
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         accelerator.state.dynamo_plugin = TorchDynamoPlugin(backend="inductor")
     # The fused kernel updates all parameters in one call (benchmarks/README.md has the gain).
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, training.weight_decay), lr=training.learning_rate, fused=True
+        parameter_groups(model, training.weight_decay, training.learning_rate, recipe["layer_decay"]), fused=True
     )
     if data.streaming:
         model, optimizer, eval_dataloader = accelerator.prepare(model, optimizer, eval_dataloader)
@@ -233,11 +243,18 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         training.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_train_steps
     )
     lr_scheduler = accelerator.prepare(schedule)
+    # The average of the weights, evaluated and saved in their place.
+    ema = None
+    if recipe["ema_decay"] is not None:
+        ema = weight_average(accelerator.unwrap_model(model, keep_torch_compile=False), recipe["ema_decay"])
+    evaluated = ema.module if ema is not None else model
 
     # 4. Pick up where a previous run stopped, or start a new one.
     settings = {**args.resumed_settings(), "processes": accelerator.num_processes, "training images": num_train_samples}
     progress = TrainingProgress(settings=settings, planned_steps=max_train_steps, compiled=compiled)
     accelerator.register_for_checkpointing(progress)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     if data.streaming:
         accelerator.register_for_checkpointing(train_dataloader)
     if checkpoint is not None:
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     step_settings = StepSettings(
         accumulation_steps=accumulation, label_smoothing=training.label_smoothing,
         max_grad_norm=training.max_grad_norm, skip_nonfinite_steps=training.skip_nonfinite_steps,
-        max_steps=max_train_steps, stream=data.streaming,
+        max_steps=max_train_steps, stream=data.streaming, mixing=mixing if mixing.active else None, ema=ema,
     )  # fmt: skip
     keep_last, every = args.checkpoints.checkpoints_total_limit, args.checkpoints.checkpointing_steps
     training_seconds, trained_images = 0.0, 0  # the training epochs of this run, without evaluation
@@ -305,7 +322,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
                     "then continue with --resume_from_checkpoint latest (the run goes on after it); add "
                     "--on_bad_image skip to skip bad images without stopping."
                 )
-            eval_metrics = run_evaluation(accelerator, model, eval_dataloader, prefix="eval")
+            eval_metrics = run_evaluation(accelerator, evaluated, eval_dataloader, prefix="eval")
             if not math.isfinite(eval_metrics["eval_loss"]):  # weights so large that the logits overflow
                 raise DivergedError(
                     f"the validation loss is {eval_metrics['eval_loss']} after step {progress.completed_steps}"
@@ -339,7 +356,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     # 6. Score the final model on the held-out test images, and save everything a user of the model needs.
     results = {k: v for k, v in progress.history[-1].items() if k not in ("step", "learning_rate")}
     if test_dataloader is not None:
-        results.update(run_evaluation(accelerator, model, test_dataloader, prefix="test"))
+        results.update(run_evaluation(accelerator, evaluated, test_dataloader, prefix="test"))
         test_metrics = {k: v for k, v in results.items() if k.startswith("test_")}
         logger.info("test: " + reporting.format_metrics(test_metrics))
     results.update(train_samples=num_train_samples, train_runtime=round(train_runtime, 2), torch_compile=compiled)
@@ -354,7 +371,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         results["train_skipped_nonfinite_steps"] = progress.skipped_steps
     if progress.schedule_changes:
         results["schedule_recomputed"] = progress.schedule_changes
-    outputs.save_model(accelerator, model, image_processor, output_dir)
+    results["recipe"] = recipe
+    outputs.save_model(accelerator, evaluated, image_processor, output_dir)
     if accelerator.is_main_process:
         config = accelerator.unwrap_model(model).config
         facts = card_facts(args, results)
@@ -408,17 +426,26 @@ def card_facts(args: Arguments, results: dict):
     from vit_training.data import describe_dataset
     from vit_training.reporting import CardFacts
 
-    data, training = args.data, args.training
+    data, training, recipe = args.data, args.training, args.recipe.settings
     low, high = data.crop_scale
+    augmentation = [f"random resized crop (scale {low}-{high})"] + (["horizontal flip"] if data.horizontal_flip else [])
+    if recipe["auto_augment"] != "none":
+        augmentation.append(recipe["auto_augment"])
+    if recipe["random_erasing"]:
+        augmentation.append(f"random erasing {recipe['random_erasing']}")
+    if recipe["mix_prob"] and (recipe["mixup_alpha"] or recipe["cutmix_alpha"]):
+        augmentation.append(f"Mixup {recipe['mixup_alpha']} / CutMix {recipe['cutmix_alpha']} (p {recipe['mix_prob']})")
     hyperparameters = {
+        "recipe": f"{recipe['recipe']} (every setting: `recipe` in all_results.json)",
         "epochs": results.get("epoch"),
         "batch size per device": training.per_device_train_batch_size,
         "gradient accumulation": training.gradient_accumulation_steps,
-        "optimizer": f"AdamW, learning rate {training.learning_rate}, weight decay {training.weight_decay}",
+        "optimizer": f"AdamW, learning rate {training.learning_rate:.4g}, weight decay {training.weight_decay}"
+        + (f", layer decay {recipe['layer_decay']}" if recipe["layer_decay"] else ""),
         "schedule": f"{training.lr_scheduler_type}, warmup {training.warmup_steps}",
         "label smoothing": training.label_smoothing,
-        "augmentation": f"random resized crop (scale {low}-{high})"
-        + (", horizontal flip" if data.horizontal_flip else ""),
+        "augmentation": ", ".join(augmentation),
+        "weights": f"EMA, decay {recipe['ema_decay']}" if recipe["ema_decay"] else "the last step's",
         "seed": training.seed,
         "training images": results.get("train_samples"),
     }

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vit_training.augment_policy import SampleAugment, augment_batch  # noqa: E402
+from vit_training.augment import SampleAugment, augment_batch  # noqa: E402
 
 
 def main():

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import run_finetune  # noqa: E402
 from vit_training.arguments import TrainingArguments  # noqa: E402
-from vit_training.loop import parameter_groups  # noqa: E402
+from vit_training.param_groups import parameter_groups  # noqa: E402
+from vit_training.recipes import learning_rate  # noqa: E402
 from benchmark_speed import Size, clock_of, make_step  # noqa: E402
 from configuration_vit_custom import ViTCustomConfig  # noqa: E402
 from modeling_vit_custom import ViTCustomForImageClassification  # noqa: E402
@@ -51,6 +52,7 @@ def main():
         config = run_finetune.load_model(run_args.model, labels=[str(digit) for digit in range(10)])[0].config
         training = run_args.training
         batch = training.per_device_train_batch_size
+        training.learning_rate = learning_rate(run_args.recipe.settings, batch)  # as run_finetune sets it
         # Where and in which precision run_finetune trains: a GPU when there is one, bf16 with --mixed_precision bf16.
         step_args = argparse.Namespace(
             device="cuda" if torch.cuda.is_available() and not training.cpu else "cpu",
@@ -125,7 +127,7 @@ def bare_step_as_run_finetune(
     """One optimizer step with run_finetune's optimisation, on random data and without the loop around it."""
     model = ViTCustomForImageClassification(config).to(step_args.device).train()
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, training.weight_decay), lr=training.learning_rate, fused=True
+        parameter_groups(model, training.weight_decay, training.learning_rate), fused=True
     )
     pixel_values = torch.randn(batch, config.num_channels, config.image_size, config.image_size)
     pixel_values = pixel_values.to(step_args.device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vit_training.errors import TrainingError
-from vit_training.augment_policy import SampleAugment, augment_batch, augment_policy
+from vit_training.augment import SampleAugment, augment_batch
 
 
 def images(channels: int, count: int = 12) -> torch.Tensor:
@@ -55,9 +55,9 @@ def test_erasing_probability_zero_and_one(channels):
 
 
 def test_policy_names():
-    assert augment_policy("none") is None
-    assert type(augment_policy("trivial")).__name__ == "TrivialAugmentWide"
-    rand = augment_policy("rand-m7-n3")
+    assert SampleAugment("none", 0.0, [0.5]).policy is None
+    assert type(SampleAugment("trivial", 0.0, [0.5]).policy).__name__ == "TrivialAugmentWide"
+    rand = SampleAugment("rand-m7-n3", 0.0, [0.5]).policy
     assert (rand.magnitude, rand.num_ops) == (7, 3)
     with pytest.raises(TrainingError, match="--auto_augment rand-m40-n2: must be"):
-        augment_policy("rand-m40-n2")
+        SampleAugment("rand-m40-n2", 0.0, [0.5])

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -104,16 +105,11 @@ def test_layer_decay_scales_follow_the_formula_and_reach_the_scheduler():
         assert group["lr"] == pytest.approx(0.5 * 1e-3 * group["lr_scale"])
 
 
-def test_no_layer_decay_gives_todays_groups():
-    import run_finetune
-
+def test_no_layer_decay_gives_one_learning_rate_to_every_group():
     model = ViTCustomForImageClassification(tiny_config())
-    expected = run_finetune.parameter_groups(model, 0.05)
     groups = parameter_groups(model, weight_decay=0.05, learning_rate=1e-3)
-    assert [{id(p) for p in group["params"]} for group in groups] == [
-        {id(p) for p in group["params"]} for group in expected
-    ]
-    assert [group["weight_decay"] for group in groups] == [group["weight_decay"] for group in expected]
+    assert [group["weight_decay"] for group in groups] == [0.05, 0.0]
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
     assert all(group["lr"] == 1e-3 and "lr_scale" not in group for group in groups)
 
 
@@ -190,3 +186,63 @@ def test_repeated_order_is_seeded_by_epoch_and_one_copy_is_a_permutation():
     assert repeated_order(64, 3, 2, 4, seed=1, epoch=0) == repeated_order(64, 3, 2, 4, seed=1, epoch=0)
     assert repeated_order(64, 3, 2, 4, seed=1, epoch=0) != repeated_order(64, 3, 2, 4, seed=1, epoch=1)
     assert sorted(repeated_order(64, 1, 2, 4, seed=1, epoch=0)) == list(range(64))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipe in run_finetune.py
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mixup_alpha", "-1"], "--mixup_alpha -1.0: must be >= 0"),
+        (["--random_erasing", "1.5"], r"--random_erasing 1.5: must be a probability in \[0, 1\]"),
+        (["--ema_decay", "1"], r"--ema_decay 1.0: must be in \(0, 1\), or `none`"),
+        (["--layer_decay", "0"], r"--layer_decay 0.0: must be in \(0, 1\], or `none`"),
+        (["--auto_augment", "strong"], "--auto_augment strong: must be `none`, `trivial`"),
+    ],
+)
+def test_the_command_line_refuses_recipe_values_out_of_range(flags, message, capsys):
+    import run_finetune
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_finetune.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_default_recipe_follows_the_starting_point_and_flags_override_it():
+    import run_finetune
+
+    scratch = run_finetune.parse_args([])
+    assert scratch.recipe.settings == {"recipe": "from-scratch", **RECIPES["from-scratch"]}
+    tuned = run_finetune.parse_args(["--model_name_or_path", "some/vit", "--ema_decay", "0.99", "--layer_decay", "none"])
+    assert tuned.recipe.settings["recipe"] == "finetune"
+    assert tuned.recipe.settings["ema_decay"] == 0.99 and tuned.recipe.settings["layer_decay"] is None
+    assert tuned.data.crop_scale == tuple(RECIPES["finetune"]["crop_scale"])
+
+
+def test_recipe_settings_are_reported_and_the_average_weights_are_saved(tmp_path):
+    from safetensors.torch import load_file
+
+    from finetune_helpers import TINY_MODEL, run_main
+
+    run_main(
+        *TINY_MODEL, "--num_train_epochs", 1, "--max_train_samples", 32, "--max_eval_samples", 16,
+        "--per_device_train_batch_size", 8, "--recipe", "from-scratch", "--mixup_alpha", 0.3,
+        "--checkpointing_steps", "epoch", "--output_dir", tmp_path,
+    )  # fmt: skip
+
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    expected_rate = scaled_learning_rate(1e-3, 128, 8, "sqrt")  # the recipe's lr_base, scaled to the batch of 8
+    expected = {"recipe": "from-scratch", **RECIPES["from-scratch"], "mixup_alpha": 0.3, "learning_rate": expected_rate}
+    assert results["recipe"] == expected
+    card = (tmp_path / "README.md").read_text()
+    assert "Mixup 0.3" in card and "EMA, decay 0.999" in card
+    # The saved model is the weight average kept in the checkpoint, not the last step's weights.
+    checkpoint = next(tmp_path.glob("checkpoint-*"))
+    average = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)
+    saved, last = load_file(tmp_path / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    for name, tensor in saved.items():
+        assert torch.equal(average[f"module.{name}"], tensor), name
+    assert any(not torch.equal(last[name], tensor) for name, tensor in saved.items())

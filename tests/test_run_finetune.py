@@ -36,7 +36,7 @@ from vit_training import hardware, loaders
 from vit_training.augment import SAMPLE_INDEX, build_transforms
 from vit_training.checkpoints import list_checkpoints
 from vit_training.data import load_image_dataset, number_samples
-from vit_training.loop import parameter_groups
+from vit_training.param_groups import parameter_groups
 from vit_training.outputs import save_model
 from vit_training.run_state import TrainingProgress
 
@@ -198,7 +198,7 @@ def test_same_labels_keep_the_checkpoint_head(tmp_path):
 
 def test_weight_decay_spares_biases_norms_cls_token_and_position_embeddings():
     model, _ = run_finetune.load_model(run_finetune.parse_args(TINY_MODEL).model, labels=["a", "b"])
-    decay, no_decay = parameter_groups(model, weight_decay=0.05)
+    decay, no_decay = parameter_groups(model, weight_decay=0.05, learning_rate=1e-3)
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     not_decayed = {names[id(p)] for p in no_decay["params"]}
@@ -258,8 +258,10 @@ def test_an_image_gets_the_same_augmentation_whatever_else_is_in_its_batch():
 
 def test_worker_processes_load_the_images_the_training_process_would_load_every_epoch(tmp_path):
     # The workers live for the whole run: each epoch's augmentations must still reach them, so two epochs with workers
-    # train to the same weights as two epochs loaded in the training process.
+    # train to the same weights as two epochs loaded in the training process; with the whole from-scratch recipe
+    # (RandAugment, erasing, Mixup/CutMix, EMA, drop path).
     common = [*TINY_MODEL, "--num_train_epochs", 2, "--max_train_samples", 24, "--max_eval_samples", 10]
+    common += ["--recipe", "from-scratch", "--auto_augment", "rand-m9-n2", "--random_erasing", 0.5]
     common += ["--images_in_memory", "off"]  # images decoded every epoch, by the workers
     run_main(*common, "--dataloader_num_workers", 0, "--output_dir", tmp_path / "in_process")
     run_main(*common, "--dataloader_num_workers", 2, "--output_dir", tmp_path / "workers")
@@ -316,8 +318,10 @@ WORKERS = ["--images_in_memory", "off", "--dataloader_num_workers", "2"]
 
 @pytest.mark.parametrize("loading", [IN_MEMORY, WORKERS], ids=["in-memory", "workers"])
 def test_accumulated_batches_train_like_one_large_batch(tmp_path, loading):
-    # 20 images: one batch of 20, or batches of 8, 8 and a short 4 accumulated into the same single update.
+    # 20 images: one batch of 20, or batches of 8, 8 and a short 4 accumulated into the same single update. Not with
+    # Mixup/CutMix, which mix the images of a batch, so the `finetune` recipe (no mixing, no drop path).
     common = [*TINY_MODEL, "--num_train_epochs", 1, "--max_train_samples", 20, "--max_eval_samples", 10, *loading]
+    common += ["--recipe", "finetune"]
     run_main(*common, "--per_device_train_batch_size", 20, "--output_dir", tmp_path / "large")
     run_main(
         *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 3,

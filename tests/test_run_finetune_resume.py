@@ -17,8 +17,9 @@ from vit_training.hardware import create_accelerator
 from vit_training.outputs import prepare_output_dir
 
 # 3 epochs of 12 steps, a checkpoint every 4 steps, dropout so that the random state matters too.
+# The whole from-scratch recipe: RandAugment, erasing, Mixup/CutMix, EMA (in the checkpoints) and drop path.
 RESUMABLE_RUN = [
-    *TINY_MODEL,
+    *TINY_MODEL, "--recipe", "from-scratch", "--auto_augment", "rand-m9-n2", "--random_erasing", 0.5,
     "--num_train_epochs", 3, "--max_train_samples", 96, "--max_eval_samples", 40,
     "--per_device_train_batch_size", 8, "--checkpointing_steps", 4, "--hidden_dropout_prob", 0.1,
 ]  # fmt: skip
@@ -42,6 +43,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     resumed_results = json.loads((killed_dir / "all_results.json").read_text())
     for timing in ("train_runtime", "train_loop_samples_per_second", "seconds_to_first_step"):
         reference_results.pop(timing), resumed_results.pop(timing)
+    assert resumed_results.pop("recipe") == reference_results.pop("recipe")
     # Metrics come from the same weights evaluated in two processes: equal within fp32 rounding.
     assert resumed_results == pytest.approx(reference_results, rel=1e-6, abs=1e-9)
     # The newest three (--checkpoints_total_limit's default), and the one the run resumed from.
@@ -189,7 +191,8 @@ def assert_same_weights(output_dir, reference_dir):
     [
         ({"per_device_train_batch_size": 16}, "latest", [], "--per_device_train_batch_size 8 (this run: 16)"),
         ({"gradient_accumulation_steps": 2}, "latest", [], "--gradient_accumulation_steps 1 (this run: 2)"),
-        ({"learning_rate": 0.01}, "latest", [], "--learning_rate 0.001 (this run: 0.01)"),
+        # The recipe's 1e-3 at a batch of 128, scaled to this run's 8 with the square root.
+        ({"learning_rate": 0.01}, "latest", [], "--learning_rate 0.00025 (this run: 0.01)"),
         ({"max_train_samples": 40}, "latest", [], "training images 48 (this run: 40)"),
         ({"num_train_epochs": 1}, "latest", [], "has trained 12 optimizer steps, more than the 6 this run asks for"),
         ({}, "checkpoint-10", ["checkpoint-10/optimizer.bin"], "checkpoint-10 cannot be resumed from: optimizer.bin"),

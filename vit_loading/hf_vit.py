@@ -66,14 +66,15 @@ QKV = ("query", "key", "value")
 def shared_config_fields() -> list[str]:
     """The fields that transformers' ViTConfig and ViTCustomConfig both declare, with one meaning: copied both ways.
 
-    `patch_size` is not among them: ViTConfig's may be a pair, vit-custom's patches are square.
+    `patch_size` is not among them: ViTConfig's may be a pair, vit-custom's patches are square. Nor is
+    `encoder_stride`: ViTConfig's is 16 whatever the patch size, vit-custom's the patch size.
     """
     from transformers import ViTConfig
 
     from configuration_vit_custom import ViTCustomConfig
 
     declared = [name for name in ViTCustomConfig.__annotations__ if name in ViTConfig.__annotations__]
-    return [name for name in declared if name != "patch_size"] + list(LABEL_FIELDS)
+    return [name for name in declared if name not in ("patch_size", "encoder_stride")] + list(LABEL_FIELDS)
 
 
 def vit_custom_config_from_hf_vit(vit_config: ViTConfig) -> ViTCustomConfig:
@@ -103,7 +104,8 @@ def hf_vit_config_from_vit_custom(config: ViTCustomConfig) -> ViTConfig:
             f"Only pooling='cls' models can be exported to transformers' ViT, which classifies the CLS token; this "
             f"one has pooling={config.pooling!r}."
         )
-    return ViTConfig(**{name: getattr(config, name) for name in shared_config_fields()}, patch_size=config.patch_size)
+    shared = {name: getattr(config, name) for name in shared_config_fields()}
+    return ViTConfig(**shared, patch_size=config.patch_size, encoder_stride=config.patch_size)
 
 
 def vit_custom_state_dict_from_hf_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from vit_loading import unwritable_folder_reason
+from vit_training.errors import TrainingError
+from vit_training.recipes import RECIPES, resolve_recipe
 
 CONFIG_SOURCE = Path(__file__).resolve().parent.parent / "configuration_vit_custom.py"
 # Accelerate's trackers (accelerate.utils.LoggerType), written out because importing Accelerate takes seconds; a test
@@ -98,6 +100,16 @@ def warmup(text: str) -> int | float:
     return value if value < 1 else int(value)
 
 
+def rate_or_none(text: str) -> float | str:
+    """A number, or `none` (turns the setting off, whatever the recipe says); the recipe checks the range."""
+    if text.lower() in ("none", "off"):
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or `none`, got {text!r}") from None
+
+
 def checkpointing_interval(text: str) -> int | str:
     if text == "epoch":
         return text
@@ -115,8 +127,8 @@ def flag(default=None, help: str = "", **options) -> field:
 # The model's config fields
 
 
-# Fields of ViTCustomConfig that are no flags: a switch of the loaded model, not of the one trained.
-NOT_FLAGS = {"interpolate_pos_encoding"}
+# Fields of ViTCustomConfig that are no flags: a switch of the loaded model, and the masked-image decoder's stride.
+NOT_FLAGS = {"interpolate_pos_encoding", "encoder_stride"}
 # The fields a checkpoint's weights leave free: a new resolution (its position embeddings are resampled to it) and the
 # regularisation. The converter refuses to change the others, which the weights fix.
 CHECKPOINT_FIELDS = {"image_size", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"}
@@ -189,13 +201,13 @@ class DataArguments:
     max_eval_samples: int | None = flag(
         type=positive_int, help="Evaluate (validation and test) on at most this many images."
     )
-    crop_scale: tuple[float, float] = flag(
-        (0.85, 1.0),
+    crop_scale: tuple[float, float] | None = flag(
         type=fraction,
         nargs=2,
         metavar=("MIN", "MAX"),
-        help="Area range of the random resized crop of training images, as fractions of the image. The default is "
-        "mild: it suits fine-tuning and keeps the strokes of 8x8 digits.",
+        help="Area range of the random resized crop of training images, as fractions of the image. Default: the "
+        "--recipe's.",
+        recipe=True,
     )
     horizontal_flip: bool | None = flag(
         action=argparse.BooleanOptionalAction,
@@ -325,12 +337,18 @@ class TrainingArguments:
         "last batch or a short last window of an epoch.",
         resumed=True,
     )
-    learning_rate: float = flag(1e-3, type=positive_float, help="Peak learning rate of AdamW.", resumed=True)
-    weight_decay: float = flag(
-        0.05,
-        type=non_negative_float,
-        help="AdamW weight decay; biases, norms, the CLS token and position embeddings are never decayed.",
+    learning_rate: float | None = flag(
+        type=positive_float,
+        help="Peak learning rate of AdamW. Default: the --recipe's --lr_base scaled to the global batch.",
         resumed=True,
+        recipe=True,
+    )
+    weight_decay: float | None = flag(
+        type=non_negative_float,
+        help="AdamW weight decay; biases, norms, the CLS token and position embeddings are never decayed. Default: "
+        "the --recipe's.",
+        resumed=True,
+        recipe=True,
     )
     lr_scheduler_type: str = flag(
         "cosine",
@@ -338,14 +356,17 @@ class TrainingArguments:
         help="How the learning rate decays after the warmup (`transformers.get_scheduler`).",
         resumed=True,
     )
-    warmup_steps: float = flag(
-        0.05,
+    warmup_steps: float | None = flag(
         type=warmup,
-        help="Linear warmup: a number of optimizer steps, or a fraction in [0, 1) of all steps.",
+        help="Linear warmup: a number of optimizer steps, or a fraction in [0, 1) of all steps. Default: the "
+        "--recipe's.",
         resumed=True,
+        recipe=True,
     )
     max_grad_norm: float = flag(1.0, type=non_negative_float, help="Clip gradients to this norm; 0 disables.")
-    label_smoothing: float = flag(0.1, type=probability, help="Label smoothing of the training loss, in [0, 1).")
+    label_smoothing: float | None = flag(
+        type=probability, help="Label smoothing of the training loss, in [0, 1). Default: the --recipe's.", recipe=True
+    )
     skip_nonfinite_steps: bool = flag(
         False,
         action="store_true",
@@ -375,6 +396,66 @@ class TrainingArguments:
         help="PyTorch threads per process. Default on the CPU: $OMP_NUM_THREADS if set (torchrun and `accelerate "
         "launch` set 1 for several processes), else the machine's cores divided among its training processes.",
     )
+
+
+@dataclass
+class RecipeArguments:
+    """recipe (a named set of augmentation and optimisation settings; every flag here, and --learning_rate,
+    --weight_decay, --warmup_steps, --label_smoothing, --crop_scale and --drop_path_rate, overrides its value)"""
+
+    recipe: str | None = flag(
+        choices=tuple(RECIPES),
+        help="`finetune`: mild crops, layer-wise learning-rate decay, for a pretrained checkpoint. `from-scratch`: the "
+        "small-data recipe (TrivialAugmentWide, random erasing, Mixup/CutMix, EMA, drop path). Default: `finetune` "
+        "with --model_name_or_path, else `from-scratch`. vit_training/recipes.py lists their values.",
+    )
+    auto_augment: str | None = flag(
+        help="Per-image augmentation policy: `none`, `trivial` (TrivialAugmentWide) or `rand-m<M>-n<N>` "
+        "(RandAugment, magnitude M in [0, 30], N ops).",
+        recipe=True,
+    )
+    random_erasing: float | None = flag(
+        type=float, help="Probability of erasing a random rectangle of each training image, in [0, 1].", recipe=True
+    )
+    mixup_alpha: float | None = flag(type=float, help="Mixup's Beta(alpha, alpha); 0 turns Mixup off.", recipe=True)
+    cutmix_alpha: float | None = flag(type=float, help="CutMix's Beta(alpha, alpha); 0 turns CutMix off.", recipe=True)
+    mix_prob: float | None = flag(
+        type=float, help="Probability that a batch is mixed (Mixup or CutMix), in [0, 1].", recipe=True
+    )
+    mix_switch_prob: float | None = flag(
+        type=float, help="With both on, the probability that a mixed batch uses CutMix, in [0, 1].", recipe=True
+    )
+    ema_decay: float | str | None = flag(
+        type=rate_or_none,
+        help="Keep an exponential moving average of the weights with this decay, in (0, 1), and evaluate and save it "
+        "instead of the last weights; `none`: off.",
+        recipe=True,
+    )
+    layer_decay: float | str | None = flag(
+        type=rate_or_none,
+        help="Layer-wise learning-rate decay, in (0, 1]: block i of L trains at lr x decay**(L + 1 - i), the "
+        "embeddings at lr x decay**(L + 1); `none`: off.",
+        recipe=True,
+    )
+    lr_base: float | None = flag(
+        type=positive_float, help="The peak learning rate at a global batch of --lr_base_size.", recipe=True
+    )
+    lr_base_size: int | None = flag(
+        type=positive_int, help="The global batch (images per optimizer step) --lr_base is for.", recipe=True
+    )
+    lr_base_scale: str | None = flag(
+        choices=("linear", "sqrt"),
+        help="How the learning rate follows the global batch: in proportion, or with its square root (for Adam).",
+        recipe=True,
+    )
+    repeated_augmentation: int | None = flag(
+        type=positive_int,
+        help="With several processes: copies of each image per epoch, each augmented its own way and trained on "
+        "by another process (DeiT's repeated augmentation); 1 turns it off.",
+        recipe=True,
+    )
+    # Every setting of the recipe as this run uses it, the flags given included (set by `parse_args`).
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -454,6 +535,7 @@ GROUPS = {
     "data": DataArguments,
     "model": ModelArguments,
     "training": TrainingArguments,
+    "recipe": RecipeArguments,
     "checkpoints": CheckpointArguments,
     "output": OutputArguments,
 }
@@ -466,6 +548,7 @@ class Arguments:
     data: DataArguments
     model: ModelArguments
     training: TrainingArguments
+    recipe: RecipeArguments
     checkpoints: CheckpointArguments
     output: OutputArguments
 
@@ -482,7 +565,30 @@ class Arguments:
     def flat(self) -> dict:
         """Every argument by name, the config flags given included."""
         values = {name: value for group in vars(self).values() for name, value in vars(group).items()}
-        return {**values, **values.pop("config")}
+        return {**values, **values.pop("config"), **values.pop("settings")}
+
+    def apply_recipe(self):
+        """Lay the flags given over the --recipe's values, check them, and set every recipe-controlled field."""
+        if self.recipe.recipe is None:
+            self.recipe.recipe = "finetune" if self.model.model_name_or_path else "from-scratch"
+        explicit = {}
+        for group in vars(self).values():
+            for item in fields(group):
+                value = getattr(group, item.name)
+                if item.metadata.get("recipe") and value is not None:
+                    off = item.metadata.get("type") is rate_or_none and value == "none"
+                    explicit[item.name] = None if off else value
+        if "drop_path_rate" in self.model.config:
+            explicit["drop_path_rate"] = self.model.config["drop_path_rate"]
+        settings = resolve_recipe(self.recipe.recipe, explicit)
+        for group in vars(self).values():
+            for item in fields(group):
+                if item.metadata.get("recipe"):
+                    setattr(group, item.name, settings[item.name])
+        self.data.crop_scale = tuple(settings["crop_scale"])
+        if settings["drop_path_rate"] is not None:
+            self.model.config["drop_path_rate"] = settings["drop_path_rate"]
+        self.recipe.settings = settings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -502,7 +608,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         group = parser.add_argument_group(group_type.__doc__)
         for item in fields(group_type):
             if item.metadata:
-                options = {key: value for key, value in item.metadata.items() if key not in ("needs", "resumed")}
+                options = {k: v for k, v in item.metadata.items() if k not in ("needs", "resumed", "recipe")}
                 add_flag(group, item.name, f"{name}.{item.name}", default=item.default, **options)
         if group_type is ModelArguments:
             for field_name, options in config_flags().items():
@@ -535,6 +641,7 @@ def parse_args(argv: list[str] | None, description: str) -> Arguments:
     if args.output.output_dir is None:
         args.output.output_dir = f"outputs/vit-custom-{args.data.short_name()}"
     try:
+        args.apply_recipe()
         for group in vars(args).values():
             for item in fields(group):
                 needed = item.metadata.get("needs")
@@ -546,7 +653,7 @@ def parse_args(argv: list[str] | None, description: str) -> Arguments:
         for group in vars(args).values():
             if hasattr(group, "check"):
                 group.check()
-    except ValueError as error:
+    except (ValueError, TrainingError) as error:
         parser.error(str(error))
     return args
 

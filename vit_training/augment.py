@@ -1,6 +1,7 @@
 """The one reproducible augmentation of training images, and the evaluation transform beside it.
 
-Training images get a random resized crop and, optionally, a horizontal flip, drawn from (seed, epoch, sample) only:
+Training images get a random resized crop, optionally a horizontal flip, an augmentation policy (TrivialAugmentWide or
+RandAugment) and random erasing, all drawn from (seed, epoch, sample) only:
 not from the batch, the process, the loader worker or what was drawn before, so a resumed or distributed run sees
 exactly the images of an uninterrupted single-process one. `Augmentation` holds that recipe and the epoch; two
 implementations apply it: `TrainTransform` image by image with torchvision (in loader workers, for images decoded as
@@ -15,6 +16,7 @@ from torchvision.transforms import v2 as T
 
 from vit_training import images as image_files
 from vit_training.errors import TrainingError
+from vit_training.recipes import policy_parameters
 
 # The column that numbers the training samples (positions in the training split, or a stream's image hashes): the
 # sample part of each image's augmentation seed.
@@ -26,13 +28,17 @@ SKIPPED_LABEL = -100
 
 class Augmentation:
     """Random resized crop (area fraction uniform in `crop_scale`, log aspect ratio uniform in [3/4, 4/3]) to
-    `output_size`, and a horizontal flip with `flip`, seeded by (seed, epoch, sample).
+    `output_size`, a horizontal flip with `flip`, then `policy` (a `SampleAugment`), seeded by (seed, epoch, sample).
 
     The epoch lives in shared memory, so that persistent loader worker processes see the epoch the loop sets.
     """
 
-    def __init__(self, output_size: tuple[int, int], crop_scale: tuple[float, float], flip: bool, seed: int):
+    def __init__(
+        self, output_size: tuple[int, int], crop_scale: tuple[float, float], flip: bool, seed: int,
+        policy: "SampleAugment | None" = None,
+    ):  # fmt: skip
         self.output_size, self.crop_scale, self.flip, self.seed = tuple(output_size), tuple(crop_scale), flip, seed
+        self.policy = policy if policy is not None and policy.active else None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -54,7 +60,48 @@ class Augmentation:
     def torchvision(self) -> T.Transform:
         """The augmentation of one PIL image, as a uint8 tensor."""
         flip = [T.RandomHorizontalFlip()] if self.flip else []
-        return T.Compose([T.RandomResizedCrop(self.output_size, scale=self.crop_scale), *flip, T.ToImage()])
+        policy = [self.policy] if self.policy is not None else []
+        return T.Compose([T.RandomResizedCrop(self.output_size, scale=self.crop_scale), *flip, T.ToImage(), *policy])
+
+
+class SampleAugment:
+    """An augmentation policy (`none`, `trivial`: TrivialAugmentWide, `rand-m<M>-n<N>`: RandAugment), then random
+    erasing with probability `random_erasing`, of one `(C, H, W)` image tensor: uint8, or float in [0, 1]. Erasing
+    fills with the normalisation mean, which normalises to 0. Its draws come from torch's global generator: seed it
+    first (or use `augment_batch`)."""
+
+    def __init__(self, auto_augment: str, random_erasing: float, image_mean: list[float]):
+        parameters = policy_parameters(auto_augment)
+        self.policy = None if auto_augment == "none" else T.TrivialAugmentWide()
+        if parameters is not None:
+            self.policy = T.RandAugment(magnitude=parameters[0], num_ops=parameters[1])
+        self.random_erasing = random_erasing
+        self.erase_float = T.RandomErasing(p=random_erasing, value=list(image_mean))
+        self.erase_uint8 = T.RandomErasing(p=random_erasing, value=[round(255 * mean) for mean in image_mean])
+
+    @property
+    def active(self) -> bool:
+        return self.policy is not None or self.random_erasing > 0
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.policy is not None:
+            image = self.policy(image)
+        if self.random_erasing > 0:
+            image = (self.erase_uint8 if image.dtype == torch.uint8 else self.erase_float)(image)
+        return image
+
+
+def augment_batch(augment: SampleAugment, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """`augment` applied to each image of the `(N, C, H, W)` batch after seeding with its seed; the global random
+    generator is left as it was."""
+    if not augment.active:
+        return images
+    with torch.random.fork_rng(devices=[]):
+        augmented = []
+        for image, seed in zip(images, seeds, strict=True):
+            torch.default_generator.manual_seed(seed)
+            augmented.append(augment(image))
+    return torch.stack(augmented)
 
 
 class EvalTransform:
@@ -120,7 +167,7 @@ class TrainTransform(EvalTransform):
 
 def build_transforms(
     image_processor, num_channels: int, columns: tuple[str, str], *, crop_scale: tuple[float, float], flip: bool,
-    seed: int, skip_bad_images: bool = False,
+    seed: int, skip_bad_images: bool = False, auto_augment: str = "none", random_erasing: float = 0.0,
 ) -> tuple[TrainTransform, EvalTransform]:
     """Training (`Augmentation`) and evaluation (resize, center crop) transforms with the size, mean and standard
     deviation of `image_processor`, converting every image to the model's channels. `columns`: the image column and
@@ -135,7 +182,8 @@ def build_transforms(
     resize = size["shortest_edge"] if "shortest_edge" in size else (size["height"], size["width"])
     crop = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None
     crop = (crop["height"], crop["width"]) if crop else resize
-    augmentation = Augmentation(crop, crop_scale, flip, seed)
+    policy = SampleAugment(auto_augment, random_erasing, mean)
+    augmentation = Augmentation(crop, crop_scale, flip, seed, policy)
     resize_and_crop = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToImage()])
     common = (mean, std, "RGB" if num_channels == 3 else "L", columns)
     train = TrainTransform(augmentation, *common, skip_bad_images=skip_bad_images)
@@ -179,6 +227,10 @@ class BatchAugment(BatchNormalize):
         images = batch["images"].float()
         boxes = self.crop_boxes(self.epoch_table()[batch["indices"]], images.shape[-2:])
         images = resized_crops(images, boxes, self.augmentation.output_size)
+        policy = self.augmentation.policy
+        if policy is not None:  # on [0, 1] floats, each image seeded on its own
+            seeds = [self.augmentation.sample_seed(int(index)) for index in batch["indices"]]
+            images = augment_batch(policy, images / 255, seeds) * 255
         return {"pixel_values": (images - self.mean_255) / self.std_255, "labels": batch["labels"]}
 
     def crop_boxes(self, draws: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from configuration_vit_custom import ViTCustomConfig
 from vit_training.checkpoints import PROGRESS_FILE
 from vit_training.errors import TrainingError
-from vit_training.loop import classification_loss
+from vit_training.mixing import classification_loss
 
 logger = logging.getLogger(__name__)
 

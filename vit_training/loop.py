@@ -1,6 +1,7 @@
-"""The training loop: optimizer steps over accumulated batches, evaluation, and the optimizer's parameter groups."""
+"""The training loop: optimizer steps over accumulated batches, and evaluation."""
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from vit_training.augment import SKIPPED_LABEL
 from vit_training.checkpoints import check_weights
 from vit_training.errors import DivergedError
+from vit_training.mixing import BatchMixing, classification_loss
 from vit_training.run_state import TrainingProgress
 
 logger = logging.getLogger(__name__)
@@ -35,13 +37,8 @@ class StepSettings:
     # A stream: the processes may hold different numbers of images, and a resumed epoch continues from the loader's
     # saved position instead of skipping the batches trained on.
     stream: bool = False
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The summed cross-entropy of the labelled images, in fp32; images labelled `SKIPPED_LABEL` count for none."""
-    return nn.functional.cross_entropy(
-        logits.float(), labels, ignore_index=SKIPPED_LABEL, label_smoothing=label_smoothing, reduction="sum"
-    )
+    mixing: BatchMixing | None = None  # Mixup / CutMix of each batch, seeded by (seed, step, batch, process)
+    ema: nn.Module | None = None  # a timm ModelEmaV3 of the model, updated after every optimizer step
 
 
 def train_one_epoch(
@@ -68,8 +65,11 @@ def train_one_epoch(
     batches = skip_first_batches(train_dataloader, progress.batches_seen) if resumed else train_dataloader
     for window in accumulation_windows(batches, settings.accumulation_steps):
         window_loss_sum, window_samples = accumulate_gradients(
-            accelerator, model, window, settings.label_smoothing, uneven=settings.stream
-        )
+            accelerator, model, window, settings.label_smoothing, uneven=settings.stream,
+            mix=settings.mixing and functools.partial(
+                settings.mixing, step=progress.completed_steps, process=accelerator.process_index
+            ),
+        )  # fmt: skip
         if not settings.stream:  # a stream pads its last batches with unlabelled images, which are no bad images
             progress.skipped_images += sum(len(batch["labels"]) for batch in window) - window_samples
         loss_everywhere = sum_over_processes(accelerator, window_loss_sum)  # all processes step, skip or stop alike
@@ -79,6 +79,9 @@ def train_one_epoch(
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
+                if settings.ema is not None:
+                    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+                    settings.ema.update(unwrapped, step=progress.completed_steps + 1)
             progress.loss_sum += window_loss_sum
             progress.samples_seen += window_samples
         elif settings.skip_nonfinite_steps:
@@ -128,7 +131,12 @@ def accumulation_windows(batches, size: int):
 
 
 def accumulate_gradients(
-    accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float, uneven: bool = False
+    accelerator: Accelerator,
+    model: nn.Module,
+    window: list[dict],
+    label_smoothing: float,
+    uneven: bool = False,
+    mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ):
     """Forward and backward over the batches of one optimizer step; returns the window's summed loss and images.
 
@@ -139,6 +147,8 @@ def accumulate_gradients(
     `uneven`: the processes may hold different numbers of images (a stream, at the end of an epoch or after skipping
     bad images; its padding images, labelled -100, count for none). As the processes' gradients are averaged, each
     divides by the mean number of images per process, so the update is still that of all the images together.
+
+    `mix(pixel_values, labels, micro_batch=index)`, if given, mixes each batch (Mixup / CutMix) into soft targets.
     """
     # Skipped images (--on_bad_image skip, a stream's padding) carry SKIPPED_LABEL, which cross_entropy ignores.
     num_samples = sum(int((batch["labels"] != SKIPPED_LABEL).sum()) for batch in window)
@@ -151,8 +161,11 @@ def accumulate_gradients(
     for index, batch in enumerate(window):
         is_last = index == len(window) - 1
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            losses = classification_loss(logits, batch["labels"], label_smoothing)
+            pixel_values, targets = batch["pixel_values"], batch["labels"]
+            if mix is not None:
+                pixel_values, targets = mix(pixel_values, targets, micro_batch=index)
+            logits = model(pixel_values=pixel_values).logits
+            losses = classification_loss(logits, targets, label_smoothing, reduction="sum")
             accelerator.backward(losses / divisor)
         loss_sum += losses.item()
     return loss_sum, num_samples
@@ -172,22 +185,11 @@ def run_evaluation(accelerator: Accelerator, model: nn.Module, dataloader, prefi
         logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
         kept = labels != SKIPPED_LABEL
         logits, labels = logits[kept], labels[kept]
-        loss_sum += classification_loss(logits, labels).item()
+        loss_sum += classification_loss(logits, labels, reduction="sum").item()
         num_samples += len(labels)
         metric.add_batch(predictions=logits.cpu().numpy(), references=labels.cpu().numpy())
     results = {"loss": loss_sum / num_samples, **metric.compute(), "samples": num_samples}
     return {f"{prefix}_{name}": value for name, value in results.items()}
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on the weight matrices only, not on biases, norms, the CLS token or the position
-    embeddings, which decay would pull towards zero for no regularising benefit."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, parameter in module.named_parameters(recurse=False):
-            skip = name in ("bias", "cls_token", "position_embeddings") or isinstance(module, nn.LayerNorm)
-            (no_decay if skip else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def warmup_steps(warmup: int | float, max_train_steps: int) -> int:

@@ -5,9 +5,11 @@ user passed over a recipe; the result is every setting of the run, for all_resul
 """
 
 import math
+import re
 
 from vit_training.errors import TrainingError
-from vit_training.augment_policy import augment_policy
+
+POLICIES = "`none`, `trivial` (TrivialAugmentWide) or `rand-m<magnitude>-n<ops>` (RandAugment, e.g. rand-m9-n2)"
 
 RECIPES = {
     # Fine-tuning a pretrained checkpoint: mild crops, no mixing, and a learning rate that decays from the head
@@ -31,7 +33,6 @@ RECIPES = {
         "drop_path_rate": None,
         "crop_scale": [0.85, 1.0],
         "repeated_augmentation": 1,
-        "num_train_epochs": 40,
     },
     # Training from scratch on a small dataset: DeiT's regularisation (Touvron et al. 2021), as the small-data ViT
     # papers use it (Lee et al. 2021; Hassani et al. 2021), with wider crops kept for small images and a shorter EMA
@@ -56,7 +57,6 @@ RECIPES = {
         "drop_path_rate": 0.1,
         "crop_scale": [0.5, 1.0],
         "repeated_augmentation": 3,
-        "num_train_epochs": 100,
     },
 }
 
@@ -77,13 +77,23 @@ def check_settings(settings: dict):
     for name in ("random_erasing", "mix_prob", "mix_switch_prob"):
         _check(settings, name, lambda value: 0 <= value <= 1, "must be a probability in [0, 1]")
     _check(settings, "label_smoothing", lambda value: 0 <= value < 1, "must be in [0, 1)")
-    _check(settings, "ema_decay", lambda value: value is None or 0 < value < 1, "must be in (0, 1), or unset (off)")
-    _check(settings, "layer_decay", lambda value: value is None or 0 < value <= 1, "must be in (0, 1], or unset (off)")
+    _check(settings, "ema_decay", lambda value: value is None or 0 < value < 1, "must be in (0, 1), or `none` (off)")
+    _check(settings, "layer_decay", lambda value: value is None or 0 < value <= 1, "must be in (0, 1], or `none` (off)")
     _check(settings, "lr_base", lambda value: value > 0, "must be > 0")
     _check(settings, "lr_base_size", lambda value: value >= 1, "must be a batch size >= 1")
     _check(settings, "lr_base_scale", lambda value: value in ("linear", "sqrt"), "must be `linear` or `sqrt`")
     _check(settings, "repeated_augmentation", lambda value: value >= 1, "must be a number of copies >= 1")
-    augment_policy(settings["auto_augment"])
+    policy_parameters(settings["auto_augment"])
+
+
+def policy_parameters(name: str) -> tuple[int, int] | None:
+    """`--auto_augment name` checked: None for `none` and `trivial`, RandAugment's (magnitude, ops) for `rand-...`."""
+    if name in ("none", "trivial"):
+        return None
+    match = re.fullmatch(r"rand-m(\d+)-n(\d+)", name)
+    if match and int(match[1]) <= 30 and int(match[2]) >= 1:
+        return int(match[1]), int(match[2])
+    raise TrainingError(f"--auto_augment {name}: must be {POLICIES}, with a magnitude in [0, 30] and at least 1 op.")
 
 
 def _check(settings: dict, name: str, valid, requirement: str):
