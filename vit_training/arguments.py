@@ -479,6 +479,10 @@ class Arguments:
             if item.metadata.get("resumed")
         }
 
+    def default_output_dir(self) -> str:
+        """The --output_dir when none is given: outputs/vit-custom-<dataset>."""
+        return f"outputs/vit-custom-{self.data.short_name()}"
+
     def flat(self) -> dict:
         """Every argument by name, the config flags given included."""
         values = {name: value for group in vars(self).values() for name, value in vars(group).items()}
@@ -496,9 +500,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, groups: dict[str, type] = GROUPS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    for name, group_type in GROUPS.items():
+    for name, group_type in groups.items():
         group = parser.add_argument_group(group_type.__doc__)
         for item in fields(group_type):
             if item.metadata:
@@ -517,23 +521,27 @@ def add_flag(group, name: str, dest: str, **options):
     group.add_argument(f"--{name}", dest=dest, **options)
 
 
-def parse_args(argv: list[str] | None, description: str) -> Arguments:
-    """The arguments of `argv` (default: the command line), checked; a bad value exits with a usage error."""
-    parser = build_parser(description)
+def parse_args(argv: list[str] | None, description: str, arguments: type[Arguments] = Arguments) -> Arguments:
+    """The arguments of `argv` (default: the command line), checked; a bad value exits with a usage error.
+
+    `arguments`: the script's `Arguments` class; a subclass may add groups (its fields) and its default output folder.
+    """
+    group_types = {item.name: item.type for item in fields(arguments)}
+    parser = build_parser(description, group_types)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and Path(argv[0]).suffix in (".json", ".yaml", ".yml"):
         argv = file_arguments(Path(argv[0]), parser) + argv[1:]
     namespace = vars(parser.parse_args(argv))
-    values = {name: {} for name in [*GROUPS, "config"]}
+    values = {name: {} for name in [*group_types, "config"]}
     for dest, value in namespace.items():
         group, name = dest.split(".")
         values[group][name] = value
     config = {name: value for name, value in values.pop("config").items() if value is not None}
-    groups = {name: GROUPS[name](**group_values) for name, group_values in values.items()}
+    groups = {name: group_types[name](**group_values) for name, group_values in values.items()}
     groups["model"].config = config
-    args = Arguments(**groups)
+    args = arguments(**groups)
     if args.output.output_dir is None:
-        args.output.output_dir = f"outputs/vit-custom-{args.data.short_name()}"
+        args.output.output_dir = args.default_output_dir()
     try:
         for group in vars(args).values():
             for item in fields(group):

@@ -53,8 +53,12 @@ def train_one_epoch(
     progress: TrainingProgress,
     settings: StepSettings,
     after_step: Callable[[list[dict], float], None] = lambda window, loss: None,
+    batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None,
 ) -> float:
     """Train on the batches of `progress.epoch` that were not trained on yet; return the epoch's mean loss.
+
+    `batch_loss(model, batch)`, if given, is the loss summed over the batch's images that count (not labelled
+    `SKIPPED_LABEL`), in place of the classification loss (a masked autoencoder's reconstruction error).
 
     `after_step(window, loss)` is called after every optimizer step with its batches and mean loss (to report, or to
     save a checkpoint). A step whose loss is not finite raises `DivergedError` before the weights change, or is
@@ -68,7 +72,7 @@ def train_one_epoch(
     batches = skip_first_batches(train_dataloader, progress.batches_seen) if resumed else train_dataloader
     for window in accumulation_windows(batches, settings.accumulation_steps):
         window_loss_sum, window_samples = accumulate_gradients(
-            accelerator, model, window, settings.label_smoothing, uneven=settings.stream
+            accelerator, model, window, settings.label_smoothing, uneven=settings.stream, batch_loss=batch_loss
         )
         if not settings.stream:  # a stream pads its last batches with unlabelled images, which are no bad images
             progress.skipped_images += sum(len(batch["labels"]) for batch in window) - window_samples
@@ -128,7 +132,8 @@ def accumulation_windows(batches, size: int):
 
 
 def accumulate_gradients(
-    accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float, uneven: bool = False
+    accelerator: Accelerator, model: nn.Module, window: list[dict], label_smoothing: float, uneven: bool = False,
+    batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None,
 ):
     """Forward and backward over the batches of one optimizer step; returns the window's summed loss and images.
 
@@ -151,8 +156,11 @@ def accumulate_gradients(
     for index, batch in enumerate(window):
         is_last = index == len(window) - 1
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            losses = classification_loss(logits, batch["labels"], label_smoothing)
+            if batch_loss is None:
+                logits = model(pixel_values=batch["pixel_values"]).logits
+                losses = classification_loss(logits, batch["labels"], label_smoothing)
+            else:
+                losses = batch_loss(model, batch)
             accelerator.backward(losses / divisor)
         loss_sum += losses.item()
     return loss_sum, num_samples
