@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     for stateful in [progress, train_dataloader] if data.streaming else [progress]:
         accelerator.register_for_checkpointing(stateful)
     if checkpoint is not None:
+        pretraining.check_checkpoint_shapes(checkpoint, mae)
         checkpoints.load_checkpoint(accelerator, checkpoint, progress)
     outputs.prepare_output_dir(output_dir, checkpoint, output.overwrite_output_dir, accelerator)
     if output.with_tracking:

@@ -9,7 +9,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from explain_figures import DPI
+from vit_loading import shorten
 from vit_training.augment import SKIPPED_LABEL
+from vit_training.errors import TrainingError
 from vit_training.mae import MaskedAutoencoder, masking_generator, normalised_patches, reconstruction_figure
 from vit_training.reporting import RECONSTRUCTIONS_FILE
 from vit_training.run_state import TrainingProgress
@@ -89,3 +91,29 @@ def freeze_unused(mae: MaskedAutoencoder):
     """Freeze the encoder's pooling norm (mean pooling), which pre-training does not reach: data-parallel training
     refuses parameters without gradients. It is saved as initialised, the identity, for fine-tuning to train."""
     mae.encoder.pooler.requires_grad_(False)
+
+
+def check_checkpoint_shapes(checkpoint: Path, mae: MaskedAutoencoder):
+    """Refuse a checkpoint whose tensors have other shapes than the masked autoencoder the flags build, naming them.
+
+    Reads the shapes from the weights file's header; a sharded (FSDP) checkpoint is checked as it loads.
+    """
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        return
+    expected = {name: tuple(tensor.shape) for name, tensor in mae.state_dict().items()}
+    with safe_open(weights, framework="pt") as saved:
+        shapes = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
+    wrong = [
+        f"{name} {shapes.get(name, 'missing')} (this run: {shape})"
+        for name, shape in expected.items()
+        if shapes.get(name) != shape
+    ]
+    if wrong:
+        raise TrainingError(
+            f"{checkpoint} holds a masked autoencoder of another shape than the model flags ask for: "
+            f"{shorten(wrong, limit=3)}. Pass the model and decoder flags of the run that wrote it (its config.json "
+            "lists the encoder's), or start a new run in another --output_dir."
+        )
