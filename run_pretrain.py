@@ -100,18 +100,19 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     from vit_training.loop import StepSettings, flags_on_any_process, parameter_groups, train_one_epoch, warmup_steps
     from vit_training.run_state import TrainingProgress
 
-    data, training, output = args.data, args.training, args.output
-    output_dir = Path(output.output_dir)
-    accelerator = hardware.create_accelerator(
-        output_dir, training.seed, cpu=training.cpu, mixed_precision=training.mixed_precision,
-        tracker=output.tracker, compile_model=training.torch_compile == "on", num_threads=training.num_threads,
-    )  # fmt: skip
+    data, training, output, output_dir = args.data, args.training, args.output, Path(args.output.output_dir)
     set_seed(training.seed)
+    accelerator = hardware.create_accelerator(
+        output_dir, training.seed, cpu=training.cpu, mixed_precision=training.mixed_precision, tracker=output.tracker,
+        compile_model=training.torch_compile == "on", num_threads=training.num_threads,
+    )  # fmt: skip
 
-    # 1. Check everything that can go wrong before anything is written: the folder, the model, the data.
+    # 1. Check everything that can go wrong before anything is written: the model, the folder, the data.
+    mae, image_processor = build_masked_autoencoder(args)
     checkpoint = checkpoints.find_checkpoint(args.checkpoints.resume_from_checkpoint, output_dir)
     outputs.check_output_dir(output_dir, checkpoint, output.overwrite_output_dir)
-    mae, image_processor = build_masked_autoencoder(args)
+    if checkpoint is not None:
+        pretraining.check_checkpoint_shapes(checkpoint, mae)
     columns = (data.image_column_name, data.label_column_name)
     sources = {
         "dataset_name": data.dataset_name, "dataset_config_name": data.dataset_config_name,
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         train_dataloader = streaming.StreamLoader(
             streams.train, train_transform, *columns, streams.labels, streams.labels_are_names, batch_size,
             num_workers, training.seed, data.shuffle_buffer_size, accelerator.process_index,
-            accelerator.num_processes, accelerator.device, image_shape=(config.num_channels, *config.image_height_width),
+            accelerator.num_processes, accelerator.device,
+            image_shape=(config.num_channels, *config.image_height_width),
             on_bad_image=data.on_bad_image, any_process=flags_on_any_process(accelerator), gather=gather_object,
         )  # fmt: skip
         num_train_samples = streams.num_train_samples
@@ -201,6 +203,11 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         training.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(training.warmup_steps, max_train_steps),
         num_training_steps=max_train_steps,
     ))  # fmt: skip
+    logger.info(
+        f"Pre-training on {num_train_samples or 'a stream of'} images, {mae.mask_ratio:.0%} of each one's patches "
+        f"hidden, for {max_train_steps} optimizer steps of {batch_size} images per device x "
+        f"{accelerator.num_processes} processes x {accumulation} accumulated, writing to {output_dir}"
+    )
 
     # 4. Pick up where a previous run stopped, or start a new one.
     settings = {**args.resumed_settings(), "processes": accelerator.num_processes, "training images": num_train_samples}
@@ -208,16 +215,9 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     for stateful in [progress, train_dataloader] if data.streaming else [progress]:
         accelerator.register_for_checkpointing(stateful)
     if checkpoint is not None:
-        pretraining.check_checkpoint_shapes(checkpoint, mae)
         checkpoints.load_checkpoint(accelerator, checkpoint, progress)
     outputs.prepare_output_dir(output_dir, checkpoint, output.overwrite_output_dir, accelerator)
-    if output.with_tracking:
-        accelerator.init_trackers(TRACKER_PROJECT, reporting.tracker_config(args.flat()))
-    logger.info(
-        f"Pre-training on {num_train_samples or 'a stream of'} images, {mae.mask_ratio:.0%} of each one's patches "
-        f"hidden, for {max_train_steps} optimizer steps of {batch_size} images per device x "
-        f"{accelerator.num_processes} processes x {accumulation} accumulated, writing to {output_dir}"
-    )
+    accelerator.init_trackers(TRACKER_PROJECT, reporting.tracker_config(args.flat()))  # none without --with_tracking
 
     # 5. Train, scoring the reconstructions of the validation images and drawing some after every epoch.
     masks = pretraining.TrainingMasks(training.seed, accelerator.process_index, progress, config.patch_size)
@@ -269,13 +269,12 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
             pretraining.save_reconstructions(
                 accelerator, model, figure_images, training.seed, image_processor, output_dir, epoch + 1
             )
-            if on_event is not None:
-                on_event("epoch", record)
             logger.info(f"epoch {epoch + 1}: " + reporting.format_metrics(record, exclude=("epoch",)))
-            if output.with_tracking:
-                accelerator.log(record, step=progress.completed_steps)
+            accelerator.log(record, step=progress.completed_steps)  # to the --with_tracking tracker, if any
             if every == "epoch":
                 save_checkpoint()
+            if on_event is not None:
+                on_event("epoch", record)
             if progress.completed_steps >= max_train_steps:
                 break
     except DivergedError as error:

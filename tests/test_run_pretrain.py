@@ -128,14 +128,15 @@ def test_two_processes_pretrain_data_parallel(tmp_path):
     reason="FSDP2 cannot be selected for CPU processes with this Accelerate: it needs GPUs (configs/8gpu_fsdp2.yaml)",
 )
 def test_a_sharded_fsdp2_checkpoint_resumes_to_the_same_weights(tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", REPO_ROOT / "configs" / "8gpu_fsdp2.yaml"]
+    fsdp2 = REPO_ROOT / "configs" / "8gpu_fsdp2.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", fsdp2]
     launch += ["--num_processes", torch.cuda.device_count(), "--mixed_precision", "no", "--main_process_port", "0"]
     argv = [*SHORT_PRETRAINING, "--checkpointing_steps", 2, "--checkpoints_total_limit", 0]
 
     def run(output_dir, *extra):
-        command = [*map(str, launch), str(REPO_ROOT / "run_pretrain.py"), *map(str, argv), "--output_dir", str(output_dir)]
+        command = [*launch, REPO_ROOT / "run_pretrain.py", *argv, "--output_dir", output_dir, *extra]
         result = subprocess.run(
-            [*command, *map(str, extra)], cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=300
+            list(map(str, command)), cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=300
         )
         assert result.returncode == 0, result.stderr[-3000:]
 

@@ -36,7 +36,9 @@ def tracker_config(values: dict) -> dict:
     return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in values.items()}
 
 
-def plot_training_curves(history: list[dict], output_dir: Path, loss: str = "loss", train: str = "train (with label smoothing)"):
+def plot_training_curves(
+    history: list[dict], output_dir: Path, loss: str = "loss", train: str = "train (with label smoothing)"
+):
     """Loss, accuracy (of a classifier) and learning rate per epoch, as a PNG; `loss` and `train` name the loss and
     its training curve."""
     epochs = [record["epoch"] for record in history]
