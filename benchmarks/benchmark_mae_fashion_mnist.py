@@ -75,13 +75,13 @@ def main():
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", type=Path, default=Path(tempfile.gettempdir()) / "fashion-mnist-folder",
-                        help="Where the image folder is written once and then reused.")  # fmt: skip
-    parser.add_argument("--pretrain_epochs", type=int, default=100, help="Epochs of MAE pre-training.")
-    parser.add_argument("--finetune_steps", type=int, default=2000, help="Optimizer steps of every fine-tuning.")
     parser.add_argument("--per_class", type=int, nargs="+", default=[100],
                         help="Labelled images per class (6000: all 60,000).")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the subsets and runs.")
+    parser.add_argument("--pretrain_epochs", type=int, default=100, help="Epochs of MAE pre-training.")
+    parser.add_argument("--finetune_steps", type=int, default=2000, help="Optimizer steps of every fine-tuning.")
+    parser.add_argument("--data_dir", type=Path, default=Path(tempfile.gettempdir()) / "fashion-mnist-folder",
+                        help="Where the image folder is written once and then reused.")  # fmt: skip
     parser.add_argument("script_args", nargs="*", help="more flags for both scripts, after --")
     return parser.parse_args()
 
