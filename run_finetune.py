@@ -38,32 +38,15 @@ from vit_training.errors import DivergedError, TrainingError
 # torch, transformers, accelerate and datasets take seconds to import: `main` imports them after parsing, so that
 # --help and a mistyped flag are answered at once. These names are for the annotations only.
 if TYPE_CHECKING:
-    from accelerate import Accelerator
     from transformers import ViTImageProcessor
 
-    from configuration_vit_custom import ViTCustomConfig
     from modeling_vit_custom import ViTCustomForImageClassification
-    from vit_training.images import BadImageError
-    from vit_training.run_state import TrainingProgress
 
 logger = logging.getLogger(__name__)
 
 TRACKER_PROJECT = "vit-custom"
 # Validation images in the attention rollout figure of the output folder and model card.
 ROLLOUT_IMAGES = 8
-# The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
-# are upscaled to 16 px and cut into 4x4 patches (16 tokens, each covering 2x2 original pixels).
-DIGITS_MODEL = {
-    "image_size": 16,
-    "patch_size": 4,
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "pooling": "mean",
-}
-
-
 def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | None = None) -> dict[str, float]:
     """Train, evaluate and save a model as `argv` (default: the command line) describes; returns the final metrics.
 
@@ -75,7 +58,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     args = parse_args(argv)
     import torch
     from accelerate.utils import TorchDynamoPlugin, gather_object, set_seed
-    from datasets import DatasetDict
+    from datasets import DatasetDict, concatenate_datasets
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -89,6 +72,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     from vit_training.mixing import BatchMixing
     from vit_training.param_groups import parameter_groups
     from vit_training.recipes import check_mixing, learning_rate
+    from vit_training.repeated import RepeatedAugmentationSampler
     from vit_training.run_state import TrainingProgress
 
     data, training, recipe, output = args.data, args.training, args.recipe.settings, args.output
@@ -103,7 +87,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     checkpoint = checkpoints.find_checkpoint(args.checkpoints.resume_from_checkpoint, output_dir)
     outputs.check_output_dir(output_dir, checkpoint, output.overwrite_output_dir)
     if args.model.model_name_or_path is None:
-        new_model_config(args.model, labels=[])  # a model the flags cannot build is refused before the data is read
+        args.model.new_config(labels=[])  # a model the flags cannot build is refused before the data is read
     columns = (data.image_column_name, data.label_column_name)
     with accelerator.main_process_first():
         if data.streaming:
@@ -150,10 +134,14 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         in_memory, reason = plan
     logger.info(f"Images {'decoded once into memory' if in_memory else 'decoded as the loaders need them'}: {reason}")
     batch_size = training.per_device_train_batch_size
+    # DeiT's repeated augmentation: with several processes, each image of an epoch in several copies, augmented
+    # differently and trained on by different processes.
+    copies = recipe["repeated_augmentation"] if accelerator.num_processes > 1 and not data.streaming else 1
     hardware.set_threads(training.num_threads, accelerator, cores, model.config, batch_size)
     if in_memory:
         splits, bad_images = loaders.load_in_memory(dataset, train_transform, eval_transform, processes=cores)
         train_dataset, eval_dataset, test_dataset = splits["train"], splits["validation"], splits.get("test")
+        train_dataset.repeats = copies
         mean, std = train_transform.mean, train_transform.std
         train_collate = BatchAugment(augmentation, mean, std, len(train_dataset))
         if on_event is not None:
@@ -164,7 +152,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     else:
         bad_images = []
         if not data.streaming:
-            train_dataset = loaders.lazy_split(number_samples(dataset["train"]), train_transform)
+            copies_of_train = concatenate_datasets([dataset["train"]] * copies)  # copy c: rows c * N ...
+            train_dataset = loaders.lazy_split(number_samples(copies_of_train), train_transform)
         eval_dataset = loaders.lazy_split(dataset["validation"], eval_transform)
         test_dataset = loaders.lazy_split(dataset["test"], eval_transform) if "test" in dataset else None
         collates = (loaders.collate_fn, loaders.collate_fn)
@@ -184,10 +173,15 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         )  # fmt: skip
         num_train_samples = streams.num_train_samples
     else:
-        train_dataloader = loaders.make_dataloader(
-            train_dataset, batch_size, **loader_options, shuffle=True, collate=collates[0]
-        )
         num_train_samples = len(dataset["train"])
+        sampler = None
+        if copies > 1:
+            sampler = RepeatedAugmentationSampler(
+                num_train_samples, copies, accelerator.num_processes, batch_size, training.seed
+            )
+        train_dataloader = loaders.make_dataloader(
+            train_dataset, batch_size, **loader_options, shuffle=True, collate=collates[0], sampler=sampler
+        )
     eval_batch_size = training.per_device_eval_batch_size
     eval_dataloader = loaders.make_dataloader(eval_dataset, eval_batch_size, **loader_options, collate=collates[1])
     test_dataloader = None
@@ -216,7 +210,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         num_epochs = sys.maxsize if training.max_train_steps else training.num_train_epochs
     else:
         # Each process gets as many batches, the last ones filled up with repeated images (Accelerate's even_batches).
-        batches = math.ceil(len(train_dataset) / (batch_size * accelerator.num_processes))
+        epoch_images = len(sampler) if sampler is not None else len(train_dataset)
+        batches = math.ceil(epoch_images / (batch_size * accelerator.num_processes))
         steps_per_epoch = math.ceil(batches / accumulation)
         max_train_steps = training.max_train_steps or training.num_train_epochs * steps_per_epoch
         num_epochs = math.ceil(max_train_steps / steps_per_epoch)
@@ -310,7 +305,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
                     accelerator, model, train_dataloader, optimizer, lr_scheduler, progress, step_settings, after_step
                 )
             except BadImageError as error:
-                stop_at_bad_image(error, accelerator, progress, save_checkpoint)
+                checkpoints.stop_at_bad_image(error, accelerator, progress, save_checkpoint)
             epoch_seconds = time.perf_counter() - epoch_start
             epoch_images = (progress.samples_seen - images_before) * accelerator.num_processes
             training_seconds, trained_images = training_seconds + epoch_seconds, trained_images + epoch_images
@@ -406,21 +401,6 @@ def reporting_batches(collate: Callable[[dict], dict], on_event: Callable[[str, 
     return collate_and_report
 
 
-def stop_at_bad_image(
-    error: BadImageError, accelerator: Accelerator, progress: TrainingProgress, save_checkpoint: Callable[[], None]
-):
-    """Stop at an image that cannot be decoded, keeping the steps done: a single process saves a checkpoint first
-    (with several, the others are waiting in a collective operation and cannot join a save)."""
-    # A loader worker's exception arrives with the worker's traceback in its message: keep the original message.
-    message = str(error).rsplit("BadImageError: ", 1)[-1].strip()
-    saved = ""
-    if accelerator.num_processes == 1 and progress.completed_steps > 0:
-        save_checkpoint()
-        saved = f" The {progress.completed_steps} steps done are saved: fix the file, then continue with " \
-            "--resume_from_checkpoint latest."
-    raise TrainingError(f"Cannot decode an image: {message}{saved}") from None
-
-
 def card_facts(args: Arguments, results: dict):
     """What the model card says about the run: its data, its starting point and its hyperparameters."""
     from vit_training.data import describe_dataset
@@ -465,7 +445,7 @@ def card_facts(args: Arguments, results: dict):
 def load_model(model: ModelArguments, labels: list[str]) -> tuple[ViTCustomForImageClassification, ViTImageProcessor]:
     """A model for `labels` with its image processor: a checkpoint adapted to the data, or a new model."""
     if model.model_name_or_path is None:
-        return vit_loading.new_model(new_model_config(model, labels))
+        return vit_loading.new_model(model.new_config(labels))
     try:
         return vit_loading.load_model(
             model.model_name_or_path,
@@ -476,18 +456,6 @@ def load_model(model: ModelArguments, labels: list[str]) -> tuple[ViTCustomForIm
         )
     except (OSError, ValueError) as error:  # the message names what is wrong with the checkpoint or the flags
         raise TrainingError(f"Cannot fine-tune {model.model_name_or_path}: {error}") from error
-
-
-def new_model_config(model: ModelArguments, labels: list[str]) -> ViTCustomConfig:
-    """The configuration of a new model for `labels`: the --preset (default: the digits model) with the config flags'
-    values."""
-    from configuration_vit_custom import PRESETS, ViTCustomConfig
-
-    base = PRESETS[model.preset] if model.preset else DIGITS_MODEL
-    try:
-        return ViTCustomConfig(**{**base, **model.config, **vit_loading.label_fields(labels)})
-    except ValueError as error:  # the config names the bad value and its fix
-        raise TrainingError(f"Invalid model configuration: {error}") from error
 
 
 if __name__ == "__main__":

@@ -55,10 +55,13 @@ def run_main(*argv) -> dict:
         return run_finetune.main([str(arg) for arg in argv])
 
 
-def run_script(*argv, timeout: float = 300, **popen_kwargs) -> subprocess.CompletedProcess:
-    """Runs `python run_finetune.py argv` in a new process, from the repository root, capturing its output."""
+def run_script(
+    *argv, timeout: float = 300, script: str = "run_finetune.py", **popen_kwargs
+) -> subprocess.CompletedProcess:
+    """Runs `python <script> argv` (default: run_finetune.py) in a new process, from the repository root, capturing its
+    output."""
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run_finetune.py"), *map(str, argv)],
+        [sys.executable, str(REPO_ROOT / script), *map(str, argv)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -68,12 +71,15 @@ def run_script(*argv, timeout: float = 300, **popen_kwargs) -> subprocess.Comple
     )
 
 
-def kill_at_checkpoint(argv: list, output_dir: Path, checkpoint: str, log_path: Path):
-    """Run `python run_finetune.py argv --output_dir output_dir` and SIGKILL it once `checkpoint` exists in the folder,
-    as a crash or a preempted job would stop it; asserts that it was still running then and wrote no results."""
+def kill_at_checkpoint(
+    argv: list, output_dir: Path, checkpoint: str, log_path: Path, script: str = "run_finetune.py"
+):
+    """Run `python <script> argv --output_dir output_dir` (default: run_finetune.py) and SIGKILL it once `checkpoint`
+    exists in the folder, as a crash or a preempted job would stop it; asserts that it was still running then and
+    wrote no results."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "run_finetune.py"), *map(str, argv), "--output_dir", str(output_dir)],
+            [sys.executable, str(REPO_ROOT / script), *map(str, argv), "--output_dir", str(output_dir)],
             cwd=REPO_ROOT, env=script_env(), stdout=log, stderr=log,
         )  # fmt: skip
         deadline = time.monotonic() + 240

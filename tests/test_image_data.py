@@ -10,8 +10,7 @@ from finetune_helpers import TINY_MODEL, make_image_folder, run_main
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-import run_finetune
-from vit_training import augment, hardware
+from vit_training import arguments, augment, hardware
 from vit_training import images as image_data
 from vit_training.data import load_image_dataset, load_image_folders
 from vit_training.errors import TrainingError
@@ -172,7 +171,7 @@ def test_threads_follow_the_cores_for_large_layers_and_stay_single_for_small_one
     from configuration_vit_custom import ViTCustomConfig
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    digits = ViTCustomConfig(**run_finetune.DIGITS_MODEL)
+    digits = ViTCustomConfig(**arguments.DIGITS_MODEL)
     fashion = ViTCustomConfig(image_size=28, patch_size=4, hidden_size=192, num_hidden_layers=6,
                               num_attention_heads=3, intermediate_size=768, num_channels=1)  # fmt: skip
     with fresh_accelerate_state():

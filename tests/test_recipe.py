@@ -57,7 +57,7 @@ def test_out_of_range_values_name_the_flag_and_range(setting, message):
 
 
 def test_unknown_recipe_lists_the_recipes():
-    with pytest.raises(TrainingError, match="--recipe fast: unknown; choose one of finetune, from-scratch"):
+    with pytest.raises(TrainingError, match="--recipe fast: unknown; choose one of basic, finetune, pretrain, from-scratch"):
         resolve_recipe("fast", {})
 
 
@@ -215,7 +215,7 @@ def test_the_default_recipe_follows_the_starting_point_and_flags_override_it():
     import run_finetune
 
     scratch = run_finetune.parse_args([])
-    assert scratch.recipe.settings == {"recipe": "from-scratch", **RECIPES["from-scratch"]}
+    assert scratch.recipe.settings == {"recipe": "basic", **RECIPES["basic"]}
     tuned = run_finetune.parse_args(["--model_name_or_path", "some/vit", "--ema_decay", "0.99", "--layer_decay", "none"])
     assert tuned.recipe.settings["recipe"] == "finetune"
     assert tuned.recipe.settings["ema_decay"] == 0.99 and tuned.recipe.settings["layer_decay"] is None
@@ -234,7 +234,7 @@ def test_recipe_settings_are_reported_and_the_average_weights_are_saved(tmp_path
     )  # fmt: skip
 
     results = json.loads((tmp_path / "all_results.json").read_text())
-    expected_rate = scaled_learning_rate(1e-3, 128, 8, "sqrt")  # the recipe's lr_base, scaled to the batch of 8
+    expected_rate = scaled_learning_rate(1e-3, 32, 8, "sqrt")  # the recipe's lr_base, scaled to the batch of 8
     expected = {"recipe": "from-scratch", **RECIPES["from-scratch"], "mixup_alpha": 0.3, "learning_rate": expected_rate}
     assert results["recipe"] == expected
     card = (tmp_path / "README.md").read_text()

@@ -319,9 +319,9 @@ WORKERS = ["--images_in_memory", "off", "--dataloader_num_workers", "2"]
 @pytest.mark.parametrize("loading", [IN_MEMORY, WORKERS], ids=["in-memory", "workers"])
 def test_accumulated_batches_train_like_one_large_batch(tmp_path, loading):
     # 20 images: one batch of 20, or batches of 8, 8 and a short 4 accumulated into the same single update. Not with
-    # Mixup/CutMix, which mix the images of a batch, so the `finetune` recipe (no mixing, no drop path).
+    # Mixup/CutMix, which mix the images of a batch, so the `basic` recipe (no mixing, no drop path).
     common = [*TINY_MODEL, "--num_train_epochs", 1, "--max_train_samples", 20, "--max_eval_samples", 10, *loading]
-    common += ["--recipe", "finetune"]
+    common += ["--recipe", "basic"]
     run_main(*common, "--per_device_train_batch_size", 20, "--output_dir", tmp_path / "large")
     run_main(
         *common, "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 3,

@@ -15,20 +15,21 @@ from vit_training.augment import build_transforms
 from vit_training.data import load_image_dataset
 
 # 64 training images: 4 steps of 2 x 8. 50 evaluation images in batches of 2 x 16: the last one is padded with repeats.
+# Without repeated augmentation: every image once per epoch.
 ARGUMENTS = [
     *TINY_MODEL,
     "--num_train_epochs", "1", "--max_train_samples", "64", "--max_eval_samples", "50",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--cpu",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--cpu", "--repeated_augmentation", "1",
 ]  # fmt: skip
 
 
-def test_two_processes_train_on_disjoint_halves_and_evaluate_every_sample_once(tmp_path):
-    output_dir = tmp_path / "out"
+def run_on_two_processes(arguments: list[str], tmp_path) -> list[dict]:
+    """run_finetune on two CPU processes; what each recorded (tests/record_batches.py)."""
     # `accelerate launch --cpu --num_processes 2` starts a single process; --multi_gpu with --cpu starts two on the CPU.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     result = subprocess.run(
-        [*launch, str(REPO_ROOT / "tests" / "record_batches.py"), *ARGUMENTS, "--output_dir", str(output_dir)],
+        [*launch, str(REPO_ROOT / "tests" / "record_batches.py"), *arguments],
         cwd=REPO_ROOT,
         env={**script_env(), "RECORD_DIR": str(tmp_path)},
         capture_output=True,
@@ -36,8 +37,25 @@ def test_two_processes_train_on_disjoint_halves_and_evaluate_every_sample_once(t
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
-    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+def test_repeated_augmentation_trains_each_processes_copy_of_the_same_images(tmp_path):
+    arguments = [*ARGUMENTS, "--repeated_augmentation", "2", "--output_dir", str(tmp_path / "out")]
+    records = run_on_two_processes(arguments, tmp_path)
+
+    steps = list(zip(records[0]["train_batches"], records[1]["train_batches"], strict=True))
+    assert len(steps) == 4  # an epoch still holds 64 images: 32 of them, twice
+    for first_half, second_half in steps:
+        # Copy 0 (index s) on one process, copy 1 (index 64 + s) of the same images on the other.
+        assert all(index < 64 for index in first_half) and all(index >= 64 for index in second_half)
+        assert sorted(first_half) == sorted(index - 64 for index in second_half)
+    assert len({index % 64 for step in steps for half in step for index in half}) == 32
+
+
+def test_two_processes_train_on_disjoint_halves_and_evaluate_every_sample_once(tmp_path):
+    output_dir = tmp_path / "out"
+    records = run_on_two_processes([*ARGUMENTS, "--output_dir", str(output_dir)], tmp_path)
     assert [(record["rank"], record["world_size"]) for record in records] == [(0, 2), (1, 2)]
     steps = list(zip(records[0]["train_batches"], records[1]["train_batches"], strict=True))
     assert len(steps) == 4

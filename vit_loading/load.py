@@ -138,6 +138,9 @@ def read_checkpoint(source: Path, **hints) -> tuple[ViTCustomConfig, dict[str, t
             state_dict = hf_vit.vit_custom_state_dict_from_hf_vit(weights)
         else:
             config, state_dict = ViTCustomConfig.from_dict(source_config), weights
+            if not any(key.startswith("vit.") for key in weights):
+                # An encoder alone (a `ViTCustomModel`, as MAE pre-training saves it), under the classifier's names.
+                state_dict = {f"vit.{key}": tensor for key, tensor in weights.items()}
         preprocessing = sources.folder_preprocessing(source)
     check_state_dict(state_dict, config, source)
     return config, state_dict, preprocessing

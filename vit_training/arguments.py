@@ -11,7 +11,6 @@ Nothing here imports torch or transformers: `--help` and a mistyped flag are ans
 import argparse
 import ast
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -19,6 +18,10 @@ from pathlib import Path
 
 from vit_loading import unwritable_folder_reason
 from vit_training.errors import TrainingError
+from vit_training.flag_types import (
+    checkpointing_interval, fraction, non_negative_float, non_negative_int, positive_float, positive_int, probability,
+    rate_or_none, seed, split_fraction, warmup, worker_count,
+)
 from vit_training.recipes import RECIPES, resolve_recipe
 
 CONFIG_SOURCE = Path(__file__).resolve().parent.parent / "configuration_vit_custom.py"
@@ -30,92 +33,7 @@ SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Values
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def worker_count(text: str) -> int | str:
-    return text if text == "auto" else non_negative_int(text)
-
-
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1 (the seeds NumPy accepts), got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive finite number, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {value}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {value}")
-    return value
-
-
-def split_fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (both sides need images), got {value}")
-    return value
-
-
-def warmup(text: str) -> int | float:
-    value = float(text)
-    if value < 0 or (value >= 1 and not value.is_integer()):
-        raise argparse.ArgumentTypeError(f"must be a whole number of steps or a fraction in [0, 1), got {text}")
-    return value if value < 1 else int(value)
-
-
-def rate_or_none(text: str) -> float | str:
-    """A number, or `none` (turns the setting off, whatever the recipe says); the recipe checks the range."""
-    if text.lower() in ("none", "off"):
-        return "none"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or `none`, got {text!r}") from None
-
-
-def checkpointing_interval(text: str) -> int | str:
-    if text == "epoch":
-        return text
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of steps or `epoch`, got {text!r}")
-    return int(text)
+# Fields
 
 
 def flag(default=None, help: str = "", **options) -> field:
@@ -125,6 +43,18 @@ def flag(default=None, help: str = "", **options) -> field:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The model's config fields
+
+# The model trained when neither --model_name_or_path nor --preset is given: a 4-block ViT for the 8x8 digits, which
+# are upscaled to 16 px and cut into 4x4 patches (16 tokens, each covering 2x2 original pixels).
+DIGITS_MODEL = {
+    "image_size": 16,
+    "patch_size": 4,
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "pooling": "mean",
+}
 
 
 # Fields of ViTCustomConfig that are no flags: a switch of the loaded model, and the masked-image decoder's stride.
@@ -311,6 +241,18 @@ class ModelArguments:
     # The config flags given (see `config_flags`): field name -> value.
     config: dict = field(default_factory=dict)
 
+    def new_config(self, labels: list[str]):
+        """The `ViTCustomConfig` of a new model for `labels`: the --preset (default: the digits model) with the config
+        flags' values."""
+        from configuration_vit_custom import PRESETS, ViTCustomConfig
+        from vit_loading import label_fields
+
+        base = PRESETS[self.preset] if self.preset else DIGITS_MODEL
+        try:
+            return ViTCustomConfig(**{**base, **self.config, **label_fields(labels)})
+        except ValueError as error:  # the config names the bad value and its fix
+            raise TrainingError(f"Invalid model configuration: {error}") from error
+
     def check(self):
         if self.preset and self.model_name_or_path:
             raise ValueError(
@@ -405,9 +347,11 @@ class RecipeArguments:
 
     recipe: str | None = flag(
         choices=tuple(RECIPES),
-        help="`finetune`: mild crops, layer-wise learning-rate decay, for a pretrained checkpoint. `from-scratch`: the "
-        "small-data recipe (TrivialAugmentWide, random erasing, Mixup/CutMix, EMA, drop path). Default: `finetune` "
-        "with --model_name_or_path, else `from-scratch`. vit_training/recipes.py lists their values.",
+        help="`basic`: mild crops, label smoothing. `finetune`: `basic` with layer-wise learning-rate decay, for a "
+        "pretrained checkpoint. `from-scratch`: the small-data recipe for long runs (TrivialAugmentWide, random "
+        "erasing, Mixup/CutMix, EMA, drop path). `pretrain`: `basic` without label smoothing, for run_pretrain.py. "
+        "Default: run_pretrain.py's `pretrain`; run_finetune.py's `finetune` with --model_name_or_path, else "
+        "`basic`. vit_training/recipes.py lists their values.",
     )
     auto_augment: str | None = flag(
         help="Per-image augmentation policy: `none`, `trivial` (TrivialAugmentWide) or `rand-m<M>-n<N>` "
@@ -562,15 +506,23 @@ class Arguments:
             if item.metadata.get("resumed")
         }
 
+    def default_output_dir(self) -> str:
+        """The --output_dir when none is given: outputs/vit-custom-<dataset>."""
+        return f"outputs/vit-custom-{self.data.short_name()}"
+
     def flat(self) -> dict:
         """Every argument by name, the config flags given included."""
         values = {name: value for group in vars(self).values() for name, value in vars(group).items()}
         return {**values, **values.pop("config"), **values.pop("settings")}
 
+    def default_recipe(self) -> str:
+        """The --recipe when none is given: `finetune` for a checkpoint, `basic` for a new model."""
+        return "finetune" if self.model.model_name_or_path else "basic"
+
     def apply_recipe(self):
         """Lay the flags given over the --recipe's values, check them, and set every recipe-controlled field."""
         if self.recipe.recipe is None:
-            self.recipe.recipe = "finetune" if self.model.model_name_or_path else "from-scratch"
+            self.recipe.recipe = self.default_recipe()
         explicit = {}
         for group in vars(self).values():
             for item in fields(group):
@@ -589,6 +541,10 @@ class Arguments:
         if settings["drop_path_rate"] is not None:
             self.model.config["drop_path_rate"] = settings["drop_path_rate"]
         self.recipe.settings = settings
+        self.check_recipe()
+
+    def check_recipe(self):
+        """Refuse recipe settings the script does not use (a subclass's check; run_finetune uses them all)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -602,9 +558,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, groups: dict[str, type] = GROUPS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    for name, group_type in GROUPS.items():
+    for name, group_type in groups.items():
         group = parser.add_argument_group(group_type.__doc__)
         for item in fields(group_type):
             if item.metadata:
@@ -623,23 +579,27 @@ def add_flag(group, name: str, dest: str, **options):
     group.add_argument(f"--{name}", dest=dest, **options)
 
 
-def parse_args(argv: list[str] | None, description: str) -> Arguments:
-    """The arguments of `argv` (default: the command line), checked; a bad value exits with a usage error."""
-    parser = build_parser(description)
+def parse_args(argv: list[str] | None, description: str, arguments: type[Arguments] = Arguments) -> Arguments:
+    """The arguments of `argv` (default: the command line), checked; a bad value exits with a usage error.
+
+    `arguments`: the script's `Arguments` class; a subclass may add groups (its fields) and its default output folder.
+    """
+    group_types = {item.name: item.type for item in fields(arguments)}
+    parser = build_parser(description, group_types)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and Path(argv[0]).suffix in (".json", ".yaml", ".yml"):
         argv = file_arguments(Path(argv[0]), parser) + argv[1:]
     namespace = vars(parser.parse_args(argv))
-    values = {name: {} for name in [*GROUPS, "config"]}
+    values = {name: {} for name in [*group_types, "config"]}
     for dest, value in namespace.items():
         group, name = dest.split(".")
         values[group][name] = value
     config = {name: value for name, value in values.pop("config").items() if value is not None}
-    groups = {name: GROUPS[name](**group_values) for name, group_values in values.items()}
+    groups = {name: group_types[name](**group_values) for name, group_values in values.items()}
     groups["model"].config = config
-    args = Arguments(**groups)
+    args = arguments(**groups)
     if args.output.output_dir is None:
-        args.output.output_dir = f"outputs/vit-custom-{args.data.short_name()}"
+        args.output.output_dir = args.default_output_dir()
     try:
         args.apply_recipe()
         for group in vars(args).values():

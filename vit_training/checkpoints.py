@@ -5,6 +5,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from vit_training.errors import DivergedError, TrainingError
+from vit_training.images import BadImageError
 from vit_training.run_state import TrainingProgress
 
 logger = logging.getLogger(__name__)
@@ -188,3 +190,18 @@ def divergence_error(what: str, output_dir: Path) -> TrainingError:
         "lower --learning_rate (and --max_grad_norm clipping on), or resume with --skip_nonfinite_steps to skip the "
         "steps whose loss is not finite."
     )
+
+
+def stop_at_bad_image(
+    error: BadImageError, accelerator: Accelerator, progress: TrainingProgress, save_checkpoint: Callable[[], None]
+):
+    """Stop at an image that cannot be decoded, keeping the steps done: a single process saves a checkpoint first
+    (with several, the others are waiting in a collective operation and cannot join a save)."""
+    # A loader worker's exception arrives with the worker's traceback in its message: keep the original message.
+    message = str(error).rsplit("BadImageError: ", 1)[-1].strip()
+    saved = ""
+    if accelerator.num_processes == 1 and progress.completed_steps > 0:
+        save_checkpoint()
+        saved = f" The {progress.completed_steps} steps done are saved: fix the file, then continue with " \
+            "--resume_from_checkpoint latest."
+    raise TrainingError(f"Cannot decode an image: {message}{saved}") from None

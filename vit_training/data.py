@@ -38,25 +38,30 @@ def load_image_dataset(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     seed: int = 0,
+    labelled: bool = True,
 ) -> DatasetDict:
     """The images of a Hub dataset (or a local folder of split folders), of image folders, or by default the digits, as
     `train`, `validation` and, when the data has one, `test` splits, with checked columns.
 
     A `validation_fraction` of the training images is held out (stratified) when the data has no validation split;
     `max_train_samples` and `max_eval_samples` keep a random subset of the splits.
+
+    Without `labelled` (for pre-training), the data needs no labels: image folders may hold their images loosely, and
+    every image gets the label 0 of a single class, `image`, in the label column.
     """
+    read_folders = load_image_folders if labelled else load_unlabelled_folders
     if dataset_name and split_folders(Path(dataset_name)):
-        dataset = load_image_folders(**split_folders(Path(dataset_name)))
+        dataset = read_folders(**split_folders(Path(dataset_name)))
     elif dataset_name:
         dataset = load_hub_dataset(dataset_name, dataset_config_name)
     elif train_dir:
-        dataset = load_image_folders(train=train_dir, validation=validation_dir, test=test_dir)
+        dataset = read_folders(train=train_dir, validation=validation_dir, test=test_dir)
     else:
         dataset = load_digits_dataset()
     if "train" not in dataset:
         raise TrainingError(f"The dataset has no `train` split, only {sorted(dataset)}; it needs one to train on.")
-    check_columns(dataset, image_column, label_column)
-    dataset = encode_labels(dataset, label_column)
+    check_columns(dataset, image_column, label_column if labelled else None)
+    dataset = encode_labels(dataset, label_column) if labelled else one_class(dataset, label_column)
     dataset = DatasetDict({name: split for name, split in dataset.items() if name in ("train", "validation", "test")})
     if "validation" not in dataset:
         dataset = carve_validation_split(dataset, validation_fraction, label_column, seed)
@@ -155,6 +160,36 @@ def load_image_folders(**folders: Path | None) -> DatasetDict:
     )
 
 
+def load_unlabelled_folders(**folders: Path | None) -> DatasetDict:
+    """Read every image below each folder, loose or in sub-folders, without labels (see `one_class`)."""
+    splits = {}
+    for split, folder in folders.items():
+        if folder is None:
+            continue
+        if not folder.is_dir() or any((folder / name).is_file() for name in image_files.METADATA_FILES):
+            return load_image_folders(**folders)  # it names a missing folder; imagefolder reads metadata files
+        paths, _, others, _ = image_files.list_image_folder(folder)
+        paths += [str(folder / name) for name in others if Path(name).suffix.lower() in image_files.IMAGE_EXTENSIONS]
+        if not paths:
+            raise TrainingError(
+                f"--{split}_dir {folder} holds no images. Pass a folder of images in a format Pillow reads (.png, "
+                ".jpg, ...), loose or in sub-folders."
+            )
+        splits[split] = Dataset.from_dict({"image": sorted(paths)}, features=Features({"image": datasets.Image()}))
+    return DatasetDict(splits)
+
+
+def one_class(dataset: DatasetDict, label_column: str) -> DatasetDict:
+    """`dataset` with its labels, if any, replaced by 0, of a single class `image`: for training without labels,
+    through loaders that carry a label with every image."""
+    feature = ClassLabel(names=["image"])
+    return DatasetDict({
+        name: split.remove_columns([c for c in split.column_names if c == label_column])
+        .add_column(label_column, np.zeros(len(split), dtype=np.int64), feature=feature)
+        for name, split in dataset.items()
+    })  # fmt: skip
+
+
 def split_folders(folder: Path) -> dict[str, Path]:
     """A local dataset folder's `train`, `validation` (or `val`, `valid`, `dev`) and `test` sub-folders, when it has a
     `train` one holding class folders, to be listed as --train_dir and friends are; else nothing."""
@@ -177,7 +212,8 @@ def metadata_data_files(folders: dict[str, Path | None]) -> dict[str, list[str]]
     }
 
 
-def check_columns(dataset: DatasetDict, image_column: str, label_column: str):
+def check_columns(dataset: DatasetDict, image_column: str, label_column: str | None):
+    """The image column holds images, and the label column (unless None) exists."""
     features = dataset["train"].features
     image_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
     if image_column not in features:
@@ -191,7 +227,7 @@ def check_columns(dataset: DatasetDict, image_column: str, label_column: str):
             f"Column {image_column!r} holds {features[image_column]}, not images; pass --image_column_name with the "
             f"column that holds the images ({image_columns or 'none found'})."
         )
-    if label_column not in features:
+    if label_column is not None and label_column not in features:
         candidates = [name for name in features if name != image_column]
         raise TrainingError(
             f"The dataset has no label column {label_column!r}; its other columns are {candidates}. Pass "

@@ -243,17 +243,22 @@ def _decode_chunk(job) -> tuple[np.ndarray, list[int], list[str], Counter]:
 
 
 class InMemoryImages(torch.utils.data.Dataset):
-    """Decoded images and their labels, as tensors. A batch is fetched with one indexing operation."""
+    """Decoded images and their labels, as tensors. A batch is fetched with one indexing operation.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    With `repeats`, the images stand `repeats` times in a row: index `c * N + s` is copy `c` of image `s` (for
+    repeated augmentation); a batch's `indices` are these, which seed each copy's augmentation its own way.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, repeats: int = 1):
+        self.images, self.labels, self.repeats = images, labels, repeats
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.labels) * self.repeats
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> dict:
         indices = torch.as_tensor(indices)
-        return {"images": self.images[indices], "labels": self.labels[indices], "indices": indices}
+        rows = indices % len(self.labels)
+        return {"images": self.images[rows], "labels": self.labels[rows], "indices": indices}

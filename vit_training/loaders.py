@@ -98,12 +98,15 @@ def make_dataloader(
     shuffle: bool = False,
     persistent_workers: bool = True,
     collate: Callable[[list[dict]], dict] = collate_fn,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
-    """A loader of `dataset` in batches; `collate` turns the fetched examples into the batch the loop trains on."""
+    """A loader of `dataset` in batches; `collate` turns the fetched examples into the batch the loop trains on.
+    `sampler`, if given, orders the samples instead of `shuffle`."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         collate_fn=collate,
         num_workers=num_workers,
         # Workers started once, not every epoch: for a small dataset, starting them costs more than an epoch.

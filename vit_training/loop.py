@@ -50,8 +50,12 @@ def train_one_epoch(
     progress: TrainingProgress,
     settings: StepSettings,
     after_step: Callable[[list[dict], float], None] = lambda window, loss: None,
+    batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None,
 ) -> float:
     """Train on the batches of `progress.epoch` that were not trained on yet; return the epoch's mean loss.
+
+    `batch_loss(model, batch)`, if given, is the loss summed over the batch's images that count (not labelled
+    `SKIPPED_LABEL`), in place of the classification loss (a masked autoencoder's reconstruction error).
 
     `after_step(window, loss)` is called after every optimizer step with its batches and mean loss (to report, or to
     save a checkpoint). A step whose loss is not finite raises `DivergedError` before the weights change, or is
@@ -65,7 +69,7 @@ def train_one_epoch(
     batches = skip_first_batches(train_dataloader, progress.batches_seen) if resumed else train_dataloader
     for window in accumulation_windows(batches, settings.accumulation_steps):
         window_loss_sum, window_samples = accumulate_gradients(
-            accelerator, model, window, settings.label_smoothing, uneven=settings.stream,
+            accelerator, model, window, settings.label_smoothing, uneven=settings.stream, batch_loss=batch_loss,
             mix=settings.mixing and functools.partial(
                 settings.mixing, step=progress.completed_steps, process=accelerator.process_index
             ),
@@ -136,6 +140,7 @@ def accumulate_gradients(
     window: list[dict],
     label_smoothing: float,
     uneven: bool = False,
+    batch_loss: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ):
     """Forward and backward over the batches of one optimizer step; returns the window's summed loss and images.
@@ -161,11 +166,14 @@ def accumulate_gradients(
     for index, batch in enumerate(window):
         is_last = index == len(window) - 1
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-            pixel_values, targets = batch["pixel_values"], batch["labels"]
-            if mix is not None:
-                pixel_values, targets = mix(pixel_values, targets, micro_batch=index)
-            logits = model(pixel_values=pixel_values).logits
-            losses = classification_loss(logits, targets, label_smoothing, reduction="sum")
+            if batch_loss is None:
+                pixel_values, targets = batch["pixel_values"], batch["labels"]
+                if mix is not None:
+                    pixel_values, targets = mix(pixel_values, targets, micro_batch=index)
+                logits = model(pixel_values=pixel_values).logits
+                losses = classification_loss(logits, targets, label_smoothing, reduction="sum")
+            else:
+                losses = batch_loss(model, batch)
             accelerator.backward(losses / divisor)
         loss_sum += losses.item()
     return loss_sum, num_samples

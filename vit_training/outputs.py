@@ -71,16 +71,22 @@ def prepare_output_dir(output_dir: Path, checkpoint: Path | None, overwrite: boo
     accelerator.wait_for_everyone()
 
 
-def save_model(accelerator: Accelerator, model: nn.Module, image_processor, output_dir: Path):
-    """Weights, config (with `auto_map`), both model code files and the image processor: a loadable model folder."""
+def save_model(accelerator: Accelerator, model: nn.Module, image_processor, output_dir: Path, part: str = ""):
+    """Weights, config (with `auto_map`), both model code files and the image processor: a loadable model folder.
+
+    `part`: the submodule of `model` to save, if not all of it (a masked autoencoder's `encoder`).
+    """
     from accelerate.utils import DistributedType
 
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False).get_submodule(part)
     # FSDP and DeepSpeed shard the weights: gather them. Otherwise the unwrapped model holds them, under their own
     # names (a compiled model's state dict would prefix them with `_orig_mod.`).
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     state_dict = accelerator.get_state_dict(model) if sharded else None
+    if state_dict is not None and part:
+        prefix = f"{part}."
+        state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict)
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)

@@ -18,7 +18,9 @@ RESULTS_FILE = "all_results.json"
 CURVES_FILE = "training_curves.png"
 ROLLOUT_FILE = "attention_rollout.png"
 CARD_FILE = "README.md"
-OUTPUT_FILES = (RESULTS_FILE, CURVES_FILE, ROLLOUT_FILE, CARD_FILE)
+# Masked inputs and their reconstructions after every epoch of a pre-training run.
+RECONSTRUCTIONS_FILE = "reconstructions-epoch-{epoch}.png"
+OUTPUT_FILES = (RESULTS_FILE, CURVES_FILE, ROLLOUT_FILE, CARD_FILE, RECONSTRUCTIONS_FILE.format(epoch="*"))
 
 
 def write_results(output_dir: Path, results: dict):
@@ -34,20 +36,25 @@ def tracker_config(values: dict) -> dict:
     return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in values.items()}
 
 
-def plot_training_curves(history: list[dict], output_dir: Path):
-    """Loss, accuracy and learning rate per epoch, as a PNG."""
+def plot_training_curves(
+    history: list[dict], output_dir: Path, loss: str = "loss", train: str = "train (with label smoothing)"
+):
+    """Loss, accuracy (of a classifier) and learning rate per epoch, as a PNG; `loss` and `train` name the loss and
+    its training curve."""
     epochs = [record["epoch"] for record in history]
-    figure = Figure(figsize=(13, 3.6), layout="tight")  # no pyplot: no global state, no display needed
-    loss_axis, accuracy_axis, lr_axis = figure.subplots(1, 3)
-    loss_axis.plot(epochs, [r["train_loss"] for r in history], label="train (with label smoothing)")
+    classifier = "eval_accuracy" in history[0]
+    figure = Figure(figsize=(13 if classifier else 9, 3.6), layout="tight")  # no pyplot: no global state, no display
+    loss_axis, *accuracy_axis, lr_axis = figure.subplots(1, 3 if classifier else 2)
+    loss_axis.plot(epochs, [r["train_loss"] for r in history], label=train)
     loss_axis.plot(epochs, [r["eval_loss"] for r in history], label="validation")
-    loss_axis.set(title="loss", xlabel="epoch")
+    loss_axis.set(title=loss, xlabel="epoch")
     loss_axis.legend()
-    accuracy_axis.plot(epochs, [r["eval_accuracy"] for r in history], label="top-1")
-    if "eval_top5_accuracy" in history[0]:
-        accuracy_axis.plot(epochs, [r["eval_top5_accuracy"] for r in history], label="top-5")
-    accuracy_axis.set(title="validation accuracy", xlabel="epoch")
-    accuracy_axis.legend()
+    for axis in accuracy_axis:
+        axis.plot(epochs, [r["eval_accuracy"] for r in history], label="top-1")
+        if "eval_top5_accuracy" in history[0]:
+            axis.plot(epochs, [r["eval_top5_accuracy"] for r in history], label="top-5")
+        axis.set(title="validation accuracy", xlabel="epoch")
+        axis.legend()
     lr_axis.plot(epochs, [r["learning_rate"] for r in history])
     lr_axis.set(title="learning rate (end of epoch)", xlabel="epoch")
     figure.savefig(output_dir / CURVES_FILE, dpi=100)
