@@ -10,7 +10,7 @@ It prints each epoch's test accuracy with the wall time since the command starte
 evaluations included). Then the cost of the recipe's augmentation: the training img/s of short runs with the recipe
 as given against the same runs with augmentation off (no policy, erasing, Mixup/CutMix), in alternating rounds.
 
-    python benchmarks/benchmark_recipe_fashion_mnist.py                  # about 30 minutes on 2 cores
+    python benchmarks/benchmark_recipe_fashion_mnist.py                  # about 30 minutes on 2 cores, all included
     python benchmarks/benchmark_recipe_fashion_mnist.py --no-run          # only the augmentation cost
     python benchmarks/benchmark_recipe_fashion_mnist.py -- --num_train_epochs 2   # flags after -- go to the run
 """
@@ -30,9 +30,9 @@ from benchmark_fashion_mnist import image_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The command the README documents: a 1.2M-parameter ViT (4 px patches: 49 tokens of width 128, 6 blocks) and the
-# from-scratch recipe, 4 epochs: the size and length that fit 30 minutes on 2 CPU cores (benchmarks/README.md says
-# why). The short schedule is the under-fitting regime, where regularisation costs more than it gives: the policy,
-# erasing, Mixup/CutMix and drop path are turned off; the weight average (EMA) and the scaled learning rate stay.
+# from-scratch recipe, 4 epochs, which take about 21 minutes on 2 CPU cores (benchmarks/README.md has the curve).
+# A few epochs are the under-fitting regime, where regularisation costs more than it gives: the policy, erasing,
+# Mixup/CutMix and drop path are turned off; the weight average (EMA) and the scaled learning rate stay.
 RECIPE_RUN = (
     "--recipe from-scratch --num_channels 1 --image_size 28 --patch_size 4 --hidden_size 128 --num_hidden_layers 6 "
     "--num_attention_heads 4 --intermediate_size 512 --pooling mean --per_device_train_batch_size 128 "

@@ -79,12 +79,6 @@ def labels_that_do_not_match_the_head(tmp_path):
     ]
 
 
-def architecture_flags_on_a_checkpoint(tmp_path):
-    save_tiny_checkpoint(tmp_path / "pretrained", labels=["cat", "dog"])
-    arguments = ["--model_name_or_path", str(tmp_path / "pretrained"), "--hidden_size", "64", *folders(tmp_path)]
-    return arguments, ["fixed by the pretrained weights", "hidden_size=64 (the checkpoint has 32)", "Drop them"]
-
-
 def a_revision_of_a_local_checkpoint(tmp_path):
     save_tiny_checkpoint(tmp_path / "pretrained", labels=["cat", "dog"])
     arguments = ["--model_name_or_path", str(tmp_path / "pretrained"), "--model_revision", "v1.0", *folders(tmp_path)]
@@ -147,7 +141,6 @@ def truncated_weights_to_fine_tune(tmp_path):
         only_non_image_files,
         a_file_that_is_not_an_image,
         labels_that_do_not_match_the_head,
-        architecture_flags_on_a_checkpoint,
         a_revision_of_a_local_checkpoint,
         hub_dataset_while_offline,
         hub_unreachable_for_push_to_hub,
@@ -193,6 +186,12 @@ def test_bad_input_is_reported_before_anything_is_written(bad_input, tmp_path):
         (["--hub_model_id", "me/model"], "--hub_model_id is used only with --push_to_hub, which is not given"),
         (["--dataset_config_name", "plain"], "--dataset_config_name is used only with --dataset_name"),
         (["--preset", "tiny", "--model_name_or_path", "x"], "--preset tiny picks the size of a new model"),
+        (
+            ["--model_name_or_path", "x", "--hidden_size", "64", "--pooling", "cls", "--image_size", "32"],
+            "--hidden_size, --pooling set the architecture of a new model, but the weights of --model_name_or_path x "
+            "fix it; drop --hidden_size, --pooling (a checkpoint takes only --attention_probs_dropout_prob, "
+            "--drop_path_rate, --hidden_dropout_prob, --image_size), or drop --model_name_or_path",
+        ),
         (["--output_dir", "{previous}/all_results.json"], "all_results.json cannot be written: {previous}/all_res"),
         (["--output_dir", "{previous}/model.safetensors/out"], "model.safetensors is a file, not a folder"),
     ],

@@ -254,6 +254,13 @@ class ModelArguments:
             raise TrainingError(f"Invalid model configuration: {error}") from error
 
     def check(self):
+        fixed = [f"--{name}" for name in self.config if name not in CHECKPOINT_FIELDS]
+        if fixed and self.model_name_or_path:
+            raise ValueError(
+                f"{', '.join(fixed)} set the architecture of a new model, but the weights of --model_name_or_path "
+                f"{self.model_name_or_path} fix it; drop {', '.join(fixed)} (a checkpoint takes only "
+                f"{', '.join('--' + name for name in sorted(CHECKPOINT_FIELDS))}), or drop --model_name_or_path"
+            )
         if self.preset and self.model_name_or_path:
             raise ValueError(
                 f"--preset {self.preset} picks the size of a new model, but --model_name_or_path fixes it: drop one"
