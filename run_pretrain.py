@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING
 import vit_loading
 from vit_loading import shorten
 from vit_training import arguments
-from vit_training.arguments import flag
-from vit_training.flag_types import positive_int
 from vit_training.errors import DivergedError, TrainingError
+from vit_training.flag_types import flag, positive_int
 
 if TYPE_CHECKING:
     from transformers import ViTImageProcessor

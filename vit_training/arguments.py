@@ -19,10 +19,11 @@ from pathlib import Path
 from vit_loading import unwritable_folder_reason
 from vit_training.errors import TrainingError
 from vit_training.flag_types import (
+    flag,
     checkpointing_interval, fraction, non_negative_float, non_negative_int, positive_float, positive_int, probability,
     rate_or_none, seed, split_fraction, warmup, worker_count,
 )
-from vit_training.recipes import RECIPES, resolve_recipe
+from vit_training.recipes import RecipeArguments, resolve_recipe
 
 CONFIG_SOURCE = Path(__file__).resolve().parent.parent / "configuration_vit_custom.py"
 # Accelerate's trackers (accelerate.utils.LoggerType), written out because importing Accelerate takes seconds; a test
@@ -34,11 +35,6 @@ SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Fields
-
-
-def flag(default=None, help: str = "", **options) -> field:
-    """A dataclass field that is a flag: its default, help and argparse options (and `needs`, `resumed`)."""
-    return field(default=default, metadata={"help": help, **options})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -345,68 +341,6 @@ class TrainingArguments:
         help="PyTorch threads per process. Default on the CPU: $OMP_NUM_THREADS if set (torchrun and `accelerate "
         "launch` set 1 for several processes), else the machine's cores divided among its training processes.",
     )
-
-
-@dataclass
-class RecipeArguments:
-    """recipe (a named set of augmentation and optimisation settings; every flag here, and --learning_rate,
-    --weight_decay, --warmup_steps, --label_smoothing, --crop_scale and --drop_path_rate, overrides its value)"""
-
-    recipe: str | None = flag(
-        choices=tuple(RECIPES),
-        help="`basic`: mild crops, label smoothing. `finetune`: `basic` with layer-wise learning-rate decay, for a "
-        "pretrained checkpoint. `from-scratch`: the small-data recipe for long runs (TrivialAugmentWide, random "
-        "erasing, Mixup/CutMix, EMA, drop path). `pretrain`: `basic` without label smoothing, for run_pretrain.py. "
-        "Default: run_pretrain.py's `pretrain`; run_finetune.py's `finetune` with --model_name_or_path, else "
-        "`basic`. vit_training/recipes.py lists their values.",
-    )
-    auto_augment: str | None = flag(
-        help="Per-image augmentation policy: `none`, `trivial` (TrivialAugmentWide) or `rand-m<M>-n<N>` "
-        "(RandAugment, magnitude M in [0, 30], N ops).",
-        recipe=True,
-    )
-    random_erasing: float | None = flag(
-        type=float, help="Probability of erasing a random rectangle of each training image, in [0, 1].", recipe=True
-    )
-    mixup_alpha: float | None = flag(type=float, help="Mixup's Beta(alpha, alpha); 0 turns Mixup off.", recipe=True)
-    cutmix_alpha: float | None = flag(type=float, help="CutMix's Beta(alpha, alpha); 0 turns CutMix off.", recipe=True)
-    mix_prob: float | None = flag(
-        type=float, help="Probability that a batch is mixed (Mixup or CutMix), in [0, 1].", recipe=True
-    )
-    mix_switch_prob: float | None = flag(
-        type=float, help="With both on, the probability that a mixed batch uses CutMix, in [0, 1].", recipe=True
-    )
-    ema_decay: float | str | None = flag(
-        type=rate_or_none,
-        help="Keep an exponential moving average of the weights with this decay, in (0, 1), and evaluate and save it "
-        "instead of the last weights; `none`: off.",
-        recipe=True,
-    )
-    layer_decay: float | str | None = flag(
-        type=rate_or_none,
-        help="Layer-wise learning-rate decay, in (0, 1]: block i of L trains at lr x decay**(L + 1 - i), the "
-        "embeddings at lr x decay**(L + 1); `none`: off.",
-        recipe=True,
-    )
-    lr_base: float | None = flag(
-        type=positive_float, help="The peak learning rate at a global batch of --lr_base_size.", recipe=True
-    )
-    lr_base_size: int | None = flag(
-        type=positive_int, help="The global batch (images per optimizer step) --lr_base is for.", recipe=True
-    )
-    lr_base_scale: str | None = flag(
-        choices=("linear", "sqrt"),
-        help="How the learning rate follows the global batch: in proportion, or with its square root (for Adam).",
-        recipe=True,
-    )
-    repeated_augmentation: int | None = flag(
-        type=positive_int,
-        help="With several processes: copies of each image per epoch, each augmented its own way and trained on "
-        "by another process (DeiT's repeated augmentation); 1 turns it off.",
-        recipe=True,
-    )
-    # Every setting of the recipe as this run uses it, the flags given included (set by `parse_args`).
-    settings: dict = field(default_factory=dict)
 
 
 @dataclass

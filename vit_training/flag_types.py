@@ -1,8 +1,9 @@
-"""The value types of the training scripts' flags: each turns the text of a flag into its value, or says what is
-wrong with it (argparse shows the message as a usage error)."""
+"""The flags of the training scripts: `flag`, a dataclass field that is a flag, and the value types, each of which
+turns the text of a flag into its value or says what is wrong with it (argparse shows the message as a usage error)."""
 
 import argparse
 import math
+from dataclasses import field
 
 
 def positive_int(text: str) -> int:
@@ -88,3 +89,8 @@ def checkpointing_interval(text: str) -> int | str:
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of steps or `epoch`, got {text!r}")
     return int(text)
+
+
+def flag(default=None, help: str = "", **options) -> field:
+    """A dataclass field that is a flag: its default, help and argparse options (and `needs`, `resumed`)."""
+    return field(default=default, metadata={"help": help, **options})
