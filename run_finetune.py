@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     """
     args = parse_args(argv)
     import torch
-    from accelerate.utils import TorchDynamoPlugin, gather_object, set_seed
+    from accelerate.utils import DistributedType, TorchDynamoPlugin, gather_object, set_seed
     from datasets import DatasetDict, concatenate_datasets
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         tracker=output.tracker, compile_model=training.torch_compile == "on", num_threads=training.num_threads,
     )  # fmt: skip
     set_seed(training.seed)
+    if recipe["ema_decay"] is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise TrainingError(
+            f"--ema_decay {recipe['ema_decay']} (from --recipe {recipe['recipe']} or the flag): the weight average "
+            "copies the whole model on every process, which FSDP shards. Pass --ema_decay none, or train data "
+            "parallel (configs/8gpu.yaml)."
+        )
 
     # 1. Check everything that can go wrong before anything is written.
     checkpoint = checkpoints.find_checkpoint(args.checkpoints.resume_from_checkpoint, output_dir)
@@ -146,7 +152,11 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         train_collate = BatchAugment(augmentation, mean, std, len(train_dataset))
         if on_event is not None:
             train_collate = reporting_batches(train_collate, on_event)
-        collates, num_workers = (train_collate, BatchNormalize(mean, std)), 0
+        collates, num_workers = (train_collate, BatchNormalize(mean, std)), data.dataloader_num_workers
+        if num_workers == "auto":
+            # A batch's crop is one grid_sample, fast in this process. A policy's image-by-image work in one worker
+            # beside the training threads measured no faster on 2 cores (benchmarks/README.md): none by default.
+            num_workers = 0
         if bad_images:
             logger.warning(f"Skipping {len(bad_images)} image(s) that cannot be decoded: {shorten(bad_images)}")
     else:
@@ -392,7 +402,8 @@ def parse_args(argv: list[str] | None = None) -> Arguments:
 
 
 def reporting_batches(collate: Callable[[dict], dict], on_event: Callable[[str, dict], None]):
-    """`collate`, telling `on_event("batch", ...)` the samples and labels of each in-memory batch it assembles."""
+    """`collate`, telling `on_event("batch", ...)` the samples and labels of each in-memory batch it assembles (in the
+    process that collates: the training process with --dataloader_num_workers 0)."""
 
     def collate_and_report(batch: dict) -> dict:
         on_event("batch", {"samples": batch["indices"].tolist(), "labels": batch["labels"].tolist()})

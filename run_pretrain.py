@@ -198,8 +198,11 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         eval_split, training.per_device_eval_batch_size, num_workers, training.seed, accelerator.device,
         collate=collate_eval,
     )  # fmt: skip
+    # Spread over the validation split, whose images are often grouped by class (an image folder's sub-folders).
+    spread = torch.linspace(0, len(eval_split) - 1, min(args.mae.reconstruction_images, len(eval_split)))
     figure_images = next(iter(torch.utils.data.DataLoader(
-        eval_split, batch_size=args.mae.reconstruction_images, collate_fn=collate_eval
+        torch.utils.data.Subset(eval_split, spread.round().long().tolist()),
+        batch_size=args.mae.reconstruction_images, collate_fn=collate_eval,
     )))["pixel_values"]  # fmt: skip
 
     # 3. The optimizer and schedule, with everything prepared for the devices and processes.

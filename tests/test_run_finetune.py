@@ -256,13 +256,15 @@ def test_an_image_gets_the_same_augmentation_whatever_else_is_in_its_batch():
     assert not torch.equal(next_epoch["pixel_values"][0], alone["pixel_values"][0])
 
 
-def test_worker_processes_load_the_images_the_training_process_would_load_every_epoch(tmp_path):
+@pytest.mark.parametrize("images_in_memory", ["off", "on"])
+def test_worker_processes_load_the_images_the_training_process_would_load_every_epoch(tmp_path, images_in_memory):
     # The workers live for the whole run: each epoch's augmentations must still reach them, so two epochs with workers
     # train to the same weights as two epochs loaded in the training process; with the whole from-scratch recipe
-    # (RandAugment, erasing, Mixup/CutMix, EMA, drop path).
+    # (RandAugment, erasing, Mixup/CutMix, EMA, drop path). Images decoded every epoch by the workers ("off"), or
+    # held in memory and augmented a batch at a time by them ("on").
     common = [*TINY_MODEL, "--num_train_epochs", 2, "--max_train_samples", 24, "--max_eval_samples", 10]
     common += ["--recipe", "from-scratch", "--auto_augment", "rand-m9-n2", "--random_erasing", 0.5]
-    common += ["--images_in_memory", "off"]  # images decoded every epoch, by the workers
+    common += ["--images_in_memory", images_in_memory]
     run_main(*common, "--dataloader_num_workers", 0, "--output_dir", tmp_path / "in_process")
     run_main(*common, "--dataloader_num_workers", 2, "--output_dir", tmp_path / "workers")
 

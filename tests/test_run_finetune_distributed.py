@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from conftest import REPO_ROOT
 from finetune_helpers import TINY_MODEL, script_env
+from safetensors.torch import load_file
+from transformers import AutoModelForImageClassification
 
 import run_finetune
 from modeling_vit_custom import ViTCustomForImageClassification
@@ -88,3 +90,36 @@ def test_two_processes_train_on_disjoint_halves_and_evaluate_every_sample_once(t
         accuracy = np.mean((logits.argmax(-1) == labels).numpy())
         assert abs(results[f"{prefix}_accuracy"] - accuracy) <= near_ties / len(labels)
         assert abs(results[f"{prefix}_loss"] - torch.nn.functional.cross_entropy(logits, labels).item()) < 1e-5
+
+
+def test_fsdp2_on_two_processes_saves_a_model_folder_that_loads_with_trust_remote_code(tmp_path):
+    """configs/8gpu_fsdp2.yaml on 2 CPU processes: sharded training saves the model under its own class and code."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", REPO_ROOT / "configs" /
+              "8gpu_fsdp2.yaml", "--num_processes", 2, "--num_machines", 1, "--mixed_precision", "no",
+              "--main_process_port", 0, REPO_ROOT / "run_finetune.py", *ARGUMENTS]  # fmt: skip
+
+    def run(*argv):
+        command = [*launch, *argv]
+        return subprocess.run(
+            list(map(str, command)), cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=300
+        )
+
+    # The weight average copies the whole model on each process: refused under FSDP before anything is written.
+    refused = run("--ema_decay", 0.999, "--output_dir", tmp_path / "ema")
+    assert refused.returncode != 0 and "--ema_decay 0.999" in refused.stderr and "FSDP shards" in refused.stderr
+    assert not (tmp_path / "ema").exists()
+
+    result = run("--output_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Distributed environment: DistributedType.FSDP" in result.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    classifier = config["auto_map"]["AutoModelForImageClassification"]
+    assert classifier == "modeling_vit_custom.ViTCustomForImageClassification"
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.py")) == [
+        "configuration_vit_custom.py", "modeling_vit_custom.py"
+    ]  # fmt: skip
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert saved.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name

@@ -103,17 +103,21 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert results[0] == pytest.approx(results[1], rel=1e-6)
 
 
+def launch_pretraining(launch: list, output_dir, *argv):
+    """`accelerate launch <launch> run_pretrain.py SHORT_PRETRAINING argv` in fresh processes; its results."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", 1, "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", 0, REPO_ROOT / "run_pretrain.py",
+               *SHORT_PRETRAINING, "--output_dir", output_dir, *argv]  # fmt: skip
+    result = subprocess.run(
+        list(map(str, command)), cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((output_dir / "all_results.json").read_text()), result.stderr
+
+
 def test_two_processes_pretrain_data_parallel(tmp_path):
     output_dir = tmp_path / "out"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    result = subprocess.run(
-        [*launch, str(REPO_ROOT / "run_pretrain.py"), *map(str, SHORT_PRETRAINING), "--cpu", "--output_dir",
-         str(output_dir)],
-        cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((output_dir / "all_results.json").read_text())
+    results, _ = launch_pretraining(["--multi_gpu", "--num_processes", 2], output_dir, "--cpu")
     # 64 images in steps of 2 x 16: 2 steps per epoch; every validation image scored once.
     assert results["step"] == 4 and results["eval_samples"] == 16
     assert (output_dir / "reconstructions-epoch-2.png").is_file()
@@ -123,31 +127,31 @@ def test_two_processes_pretrain_data_parallel(tmp_path):
     assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="FSDP2 cannot be selected for CPU processes with this Accelerate: it needs GPUs (configs/8gpu_fsdp2.yaml)",
-)
-def test_a_sharded_fsdp2_checkpoint_resumes_to_the_same_weights(tmp_path):
-    fsdp2 = REPO_ROOT / "configs" / "8gpu_fsdp2.yaml"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", fsdp2]
-    launch += ["--num_processes", torch.cuda.device_count(), "--mixed_precision", "no", "--main_process_port", "0"]
-    argv = [*SHORT_PRETRAINING, "--checkpointing_steps", 2, "--checkpoints_total_limit", 0]
-
-    def run(output_dir, *extra):
-        command = [*launch, REPO_ROOT / "run_pretrain.py", *argv, "--output_dir", output_dir, *extra]
-        result = subprocess.run(
-            list(map(str, command)), cwd=REPO_ROOT, env=script_env(), capture_output=True, text=True, timeout=300
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    run(tmp_path / "reference")
-    shutil.copytree(tmp_path / "reference" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
-    run(tmp_path / "resumed", "--resume_from_checkpoint", tmp_path / "resumed" / "checkpoint-4")
-    reference = load_file(tmp_path / "reference" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
-    assert reference.keys() == resumed.keys() and "embeddings.cls_token" in reference
-    for name, tensor in reference.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+def test_fsdp2_shards_on_two_processes_trains_as_data_parallel_and_resumes_from_its_sharded_checkpoint(tmp_path):
+    """configs/8gpu_fsdp2.yaml (FSDP2 wrapping every ViTCustomLayer) on 2 processes: on the CPU (gloo) here, on
+    the GPUs where there are two."""
+    gpus = torch.cuda.device_count() >= 2
+    device = [] if gpus else ["--cpu"]
+    fsdp2 = ["--config_file", REPO_ROOT / "configs" / "8gpu_fsdp2.yaml", "--num_processes", 2]
+    checkpointing = ["--checkpointing_steps", 2, "--checkpoints_total_limit", 0]
+    results, log = launch_pretraining(fsdp2, tmp_path / "fsdp", *checkpointing, *device)
+    assert "Distributed environment: DistributedType.FSDP" in log and results["step"] == 4
+    # The checkpoint holds one shard of the weights per process, which no single process could write alone.
+    shards = sorted(path.name for path in (tmp_path / "fsdp" / "checkpoint-2").rglob("*.distcp"))
+    assert len(shards) >= 2, sorted(path.name for path in (tmp_path / "fsdp" / "checkpoint-2").rglob("*"))
+    # Sharding changes where the weights live, not the arithmetic: the same run as plain data parallel.
+    launch_pretraining(["--multi_gpu", "--num_processes", 2], tmp_path / "ddp", *device)
+    sharded = load_file(tmp_path / "fsdp" / "model.safetensors")
+    replicated = load_file(tmp_path / "ddp" / "model.safetensors")
+    assert sharded.keys() == replicated.keys() and "embeddings.cls_token" in sharded
+    for name, tensor in replicated.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # Resumed from the sharded checkpoint after step 2, the run ends at the same weights.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    launch_pretraining(fsdp2, resumed, *checkpointing, *device, "--resume_from_checkpoint", resumed / "checkpoint-2")
+    for name, tensor in load_file(resumed / "model.safetensors").items():
+        torch.testing.assert_close(tensor, sharded[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_an_unlabelled_image_folder_pretrains(tmp_path):

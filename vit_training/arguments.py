@@ -178,9 +178,9 @@ class DataArguments:
     dataloader_num_workers: int | str = flag(
         "auto",
         type=worker_count,
-        help="Worker processes per training process that decode and augment images while the model trains, when "
-        "they are not held in memory; 0 loads them in the training process. `auto`: on the CPU one per 4 cores (at "
-        "least one), beside a GPU every core but one, at most 4.",
+        help="Worker processes per training process that decode and augment images while the model trains; 0 does "
+        "it in the training process. `auto`: none for images held in memory (a batch is augmented at once); for the "
+        "others, on the CPU one per 4 cores (at least one), beside a GPU every core but one, at most 4.",
     )
 
     def check(self):

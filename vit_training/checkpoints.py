@@ -175,8 +175,12 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, progress: Traini
 
 
 def check_weights(accelerator: Accelerator, model: nn.Module, step: int):
-    """Stop the run if the weights hold NaN or infinite values: nothing computed from them may be saved or reported."""
-    nonfinite = torch.stack([parameter.isfinite().all().logical_not() for parameter in model.parameters()]).any()
+    """Stop the run if the weights hold NaN or infinite values: nothing computed from them may be saved or reported.
+
+    Each process checks the weights it holds: all of them, or under FSDP its shard (a DTensor's local part).
+    """
+    local = [getattr(parameter, "to_local", lambda tensor=parameter: tensor)() for parameter in model.parameters()]
+    nonfinite = torch.stack([tensor.isfinite().all().logical_not() for tensor in local]).any()
     if accelerator.reduce(nonfinite.float(), "sum").item() > 0:  # every process stops, sharded or not
         raise DivergedError(f"the weights hold NaN or infinite values after step {step}")
 

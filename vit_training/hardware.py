@@ -10,7 +10,15 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, get_int_from_env
+from accelerate.state import PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    get_int_from_env,
+)
 from torch import nn
 
 from configuration_vit_custom import ViTCustomConfig
@@ -54,6 +62,8 @@ def create_accelerator(
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGGING_DIR)),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile_model else None,
     )
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        shard_on_cpu(accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would report fp16 and train in fp32: it has no fp16 autocast on the CPU.
         raise TrainingError(
@@ -77,6 +87,27 @@ def create_accelerator(
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     return accelerator
+
+
+def shard_on_cpu(accelerator: Accelerator):
+    """Train with the FSDP the launcher asked for (`accelerate launch --config_file configs/*_fsdp2.yaml --cpu`) on
+    CPU processes too.
+
+    Accelerate (1.15) selects FSDP only for accelerator devices: on CPU processes it would silently train plain data
+    parallel, with every weight on every process. PyTorch's FSDP2 (`fully_shard`) runs on the CPU's gloo backend, so
+    the run selects it itself, with the launcher's settings.
+    """
+    plugin = FullyShardedDataParallelPlugin()  # read from the launcher's ACCELERATE_* / FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise TrainingError(
+            "FSDP on CPU processes runs only as FSDP2: set `fsdp_version: 2` in the Accelerate config (as "
+            "configs/8gpu_fsdp2.yaml does), or train on GPUs."
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def check_tracker(report_to: str):

@@ -3,6 +3,7 @@ the model. `RUN_OUTPUTS` is made of the names the writers write."""
 
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -87,8 +88,24 @@ def save_model(accelerator: Accelerator, model: nn.Module, image_processor, outp
     if state_dict is not None and part:
         prefix = f"{part}."
         state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
-    unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict)
+    with own_class(unwrapped):
+        unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict)
     if accelerator.is_main_process:
         image_processor.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
+
+
+@contextmanager
+def own_class(module: nn.Module):
+    """`module` as an instance of its own class for the duration: FSDP2 gives a sharded module a subclass defined in
+    torch (`FSDPViTCustomForImageClassification`), which `save_pretrained` would write into `auto_map` and whose
+    source files it would copy in place of modeling_vit_custom.py."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type(module)
+    module.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        yield module
+    finally:
+        module.__class__ = sharded_class
 
