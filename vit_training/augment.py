@@ -5,7 +5,8 @@ RandAugment) and random erasing, all drawn from (seed, epoch, sample) only:
 not from the batch, the process, the loader worker or what was drawn before, so a resumed or distributed run sees
 exactly the images of an uninterrupted single-process one. `Augmentation` holds that recipe and the epoch; two
 implementations apply it: `TrainTransform` image by image with torchvision (in loader workers, for images decoded as
-the loop asks for them), and `BatchAugment` a whole batch of in-memory uint8 images with one `grid_sample`.
+the loop asks for them), and `BatchAugment` a whole batch of in-memory uint8 images at once (one `grid_sample` for the
+crops, the policy and erasing by `batch_policy.BatchPolicy`).
 """
 
 import math
@@ -15,6 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from vit_training import images as image_files
+from vit_training.batch_policy import BatchPolicy
 from vit_training.errors import TrainingError
 from vit_training.recipes import policy_parameters
 
@@ -68,7 +70,7 @@ class SampleAugment:
     """An augmentation policy (`none`, `trivial`: TrivialAugmentWide, `rand-m<M>-n<N>`: RandAugment), then random
     erasing with probability `random_erasing`, of one `(C, H, W)` image tensor: uint8, or float in [0, 1]. Erasing
     fills with the normalisation mean, which normalises to 0. Its draws come from torch's global generator: seed it
-    first (or use `augment_batch`)."""
+    first. `batched` gives the same augmentation of whole batches, from draws the caller makes."""
 
     def __init__(self, auto_augment: str, random_erasing: float, image_mean: list[float]):
         parameters = policy_parameters(auto_augment)
@@ -83,25 +85,16 @@ class SampleAugment:
     def active(self) -> bool:
         return self.policy is not None or self.random_erasing > 0
 
+    def batched(self, image_size: tuple[int, int]) -> BatchPolicy:
+        """The same policy and erasing for whole batches of float images of `image_size`, drawn by the caller."""
+        return BatchPolicy(self.policy, self.erase_float, image_size)
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if self.policy is not None:
             image = self.policy(image)
         if self.random_erasing > 0:
             image = (self.erase_uint8 if image.dtype == torch.uint8 else self.erase_float)(image)
         return image
-
-
-def augment_batch(augment: SampleAugment, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """`augment` applied to each image of the `(N, C, H, W)` batch after seeding with its seed; the global random
-    generator is left as it was."""
-    if not augment.active:
-        return images
-    with torch.random.fork_rng(devices=[]):
-        augmented = []
-        for image, seed in zip(images, seeds, strict=True):
-            torch.default_generator.manual_seed(seed)
-            augmented.append(augment(image))
-    return torch.stack(augmented)
 
 
 class EvalTransform:
@@ -204,15 +197,17 @@ class BatchNormalize:
 class BatchAugment(BatchNormalize):
     """collate_fn that applies `augmentation` to a whole batch of in-memory uint8 images at once, then normalises.
 
-    The crop is clamped to the image instead of retried, and sampled bilinearly by one `grid_sample` for the batch.
-    Each sample's draws come from a table made per epoch from (seed, epoch), indexed by the sample's position in the
-    dataset.
+    The crop is clamped to the image instead of retried, and sampled bilinearly by one `grid_sample` for the batch;
+    the policy and erasing (`BatchPolicy`) then run once per op over the images that drew it. Each sample's draws
+    come from tables made per epoch from (seed, epoch), indexed by the sample's position in the dataset.
     """
 
     def __init__(self, augmentation: Augmentation, mean: list[float], std: list[float], num_samples: int):
         super().__init__(mean, std)
         self.augmentation, self.num_samples = augmentation, num_samples
-        self._table_epoch, self._table = None, None
+        policy = augmentation.policy
+        self.policy = policy.batched(augmentation.output_size) if policy is not None else None
+        self._table_epoch, self._table, self._policy_table = None, None, None
 
     def epoch_table(self) -> torch.Tensor:
         """`(num_samples, 5)` uniforms of the current epoch: area, aspect ratio, horizontal and vertical position,
@@ -220,6 +215,9 @@ class BatchAugment(BatchNormalize):
         if self._table_epoch != self.augmentation.epoch:
             generator = torch.Generator().manual_seed(self.augmentation.epoch_seed())
             self._table = torch.rand(self.num_samples, 5, generator=generator, dtype=torch.float64)
+            if self.policy is not None:  # drawn after the crops, which stay as they were without a policy
+                self._policy_table = torch.rand(self.num_samples, self.policy.columns, generator=generator,
+                                                dtype=torch.float64)  # fmt: skip
             self._table_epoch = self.augmentation.epoch
         return self._table
 
@@ -227,10 +225,8 @@ class BatchAugment(BatchNormalize):
         images = batch["images"].float()
         boxes = self.crop_boxes(self.epoch_table()[batch["indices"]], images.shape[-2:])
         images = resized_crops(images, boxes, self.augmentation.output_size)
-        policy = self.augmentation.policy
-        if policy is not None:  # on [0, 1] floats, each image seeded on its own
-            seeds = [self.augmentation.sample_seed(int(index)) for index in batch["indices"]]
-            images = augment_batch(policy, images / 255, seeds) * 255
+        if self.policy is not None:  # on [0, 1] floats, as torchvision's policies take them
+            images = self.policy(images / 255, self._policy_table[batch["indices"]]) * 255
         return {"pixel_values": (images - self.mean_255) / self.std_255, "labels": batch["labels"]}
 
     def crop_boxes(self, draws: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
