@@ -31,17 +31,16 @@ class BatchPolicy:
         self.erasing, self.image_size = erasing, tuple(image_size)
         space = policy._AUGMENTATION_SPACE if policy is not None else {}
         self.names = list(space)
-        self.magnitudes = {name: bins(policy.num_magnitude_bins, *image_size) for name, (bins, _) in space.items()}
-        self.signed = {name: signed for name, (_, signed) in space.items()}
         self.num_ops = 0 if policy is None else getattr(policy, "num_ops", 1)
         self.num_bins = 0 if policy is None else policy.num_magnitude_bins
         self.fixed_bin = getattr(policy, "magnitude", None)  # RandAugment's one magnitude; TrivialAugmentWide draws
         # (op, bin) -> magnitude, 0 for the ops without one; whether each op's magnitude takes a random sign.
         self._table = torch.zeros(len(self.names), max(self.num_bins, 1), dtype=torch.float64)
-        for index, name in enumerate(self.names):
-            if self.magnitudes[name] is not None:
-                self._table[index] = self.magnitudes[name].double()
-        self._signed = torch.tensor([self.signed[name] for name in self.names], dtype=torch.bool)
+        for index, (bins, _) in enumerate(space.values()):
+            magnitudes = bins(self.num_bins, *image_size)
+            if magnitudes is not None:
+                self._table[index] = magnitudes.double()
+        self._signed = torch.tensor([signed for _, signed in space.values()], dtype=torch.bool)
 
     @property
     def columns(self) -> int:
@@ -84,7 +83,7 @@ class BatchPolicy:
             # The geometric ops all sample through a matrix: one grid_sample for all of them.
             names = ["affine" if name in GEOMETRIC else name for name, _ in slot]
             magnitudes = torch.tensor([magnitude for _, magnitude in slot], dtype=torch.float64)
-            for name in dict.fromkeys(names):
+            for name in [name for name in dict.fromkeys(names) if name != "Identity"]:
                 chosen = [index for index, other in enumerate(names) if other == name]
                 if name == "affine":
                     matrices = [_inverse_matrix(*slot[index], images.shape[-2:]) for index in chosen]
