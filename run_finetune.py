@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     train_transform, eval_transform = build_transforms(
         image_processor, model.config.num_channels, columns, crop_scale=data.crop_scale, flip=data.horizontal_flip,
         seed=training.seed, skip_bad_images=data.on_bad_image == "skip", auto_augment=recipe["auto_augment"],
-        random_erasing=recipe["random_erasing"],
+        random_erasing=recipe["random_erasing"], crop_ratio=data.crop_ratio,
     )  # fmt: skip
     augmentation = train_transform.augmentation
     cores = hardware.cores_per_process(accelerator)
@@ -418,8 +418,11 @@ def card_facts(args: Arguments, results: dict):
     from vit_training.reporting import CardFacts
 
     data, training, recipe = args.data, args.training, args.recipe.settings
-    low, high = data.crop_scale
-    augmentation = [f"random resized crop (scale {low}-{high})"] + (["horizontal flip"] if data.horizontal_flip else [])
+    (low, high), (narrowest, widest) = data.crop_scale, data.crop_ratio
+    crop = [] if low == high == narrowest == widest == 1 else [
+        f"random resized crop (scale {low}-{high}, aspect ratio {narrowest:.3g}-{widest:.3g})"
+    ]  # fmt: skip
+    augmentation = crop + (["horizontal flip"] if data.horizontal_flip else [])
     if recipe["auto_augment"] != "none":
         augmentation.append(recipe["auto_augment"])
     if recipe["random_erasing"]:
@@ -435,7 +438,7 @@ def card_facts(args: Arguments, results: dict):
         + (f", layer decay {recipe['layer_decay']}" if recipe["layer_decay"] else ""),
         "schedule": f"{training.lr_scheduler_type}, warmup {training.warmup_steps}",
         "label smoothing": training.label_smoothing,
-        "augmentation": ", ".join(augmentation),
+        "augmentation": ", ".join(augmentation) or "none",
         "weights": f"EMA, decay {recipe['ema_decay']}" if recipe["ema_decay"] else "the last step's",
         "seed": training.seed,
         "training images": results.get("train_samples"),

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     train_transform, eval_transform = build_transforms(
         image_processor, config.num_channels, columns, crop_scale=data.crop_scale, flip=data.horizontal_flip,
         seed=training.seed, skip_bad_images=data.on_bad_image == "skip", auto_augment=args.recipe.auto_augment,
-        random_erasing=args.recipe.random_erasing,
+        random_erasing=args.recipe.random_erasing, crop_ratio=data.crop_ratio,
     )  # fmt: skip
     cores = hardware.cores_per_process(accelerator)
     plan = (False, "--streaming") if data.streaming else loaders.in_memory_plan(

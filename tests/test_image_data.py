@@ -115,6 +115,28 @@ def test_batch_augmentation_draws_crops_like_random_resized_crop_and_depends_onl
     assert not torch.equal(batch_augment(dataset.__getitems__([7]))["pixel_values"], alone)
 
 
+def test_crop_ratio_bounds_the_crops_aspect_and_a_full_square_crop_leaves_the_image_as_it_is():
+    narrow = augment.Augmentation((20, 20), (0.3, 0.6), False, seed=3, crop_ratio=(0.5, 0.8))
+    batch_augment = augment.BatchAugment(narrow, [0.5], [0.5], num_samples=2000)
+    boxes = batch_augment.crop_boxes(batch_augment.epoch_table(), (20, 20))
+    ratio = boxes[:, 2] / boxes[:, 3]  # never clamped: at most 60% of the area, at most 0.8 wide for 1 high
+    assert ratio.min() >= 0.5 - 1e-9 and ratio.max() <= 0.8 + 1e-9
+    assert ratio.min() < 0.52 and ratio.max() > 0.78
+    torch.manual_seed(0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8))
+    one_image = narrow.torchvision()(image)
+    assert one_image.shape == (1, 20, 20) and not torch.equal(one_image, F.pil_to_tensor(image))
+
+    # --crop_scale 1 1 --crop_ratio 1 1: no crop, on both paths.
+    off = augment.Augmentation((20, 20), (1.0, 1.0), False, seed=3, crop_ratio=(1.0, 1.0))
+    images = torch.randint(0, 256, (4, 1, 20, 20), dtype=torch.uint8)
+    batch = augment.BatchAugment(off, [0.0], [1.0], num_samples=4)(
+        image_data.InMemoryImages(images, torch.zeros(4, dtype=torch.long)).__getitems__([0, 1, 2, 3])
+    )
+    torch.testing.assert_close(batch["pixel_values"], images.float() / 255, rtol=0, atol=1e-6)
+    assert torch.equal(off.torchvision()(image), F.pil_to_tensor(image))
+
+
 def test_in_memory_and_worker_runs_report_where_the_images_went(tmp_path):
     make_image_folder(tmp_path / "data" / "train", ["a", "b"], images_per_class=12, size=12)
     make_image_folder(tmp_path / "data" / "val", ["a", "b"], images_per_class=3, size=12, seed=1)

@@ -49,6 +49,7 @@ def test_recipe_resolves_to_json_with_flags_winning(name):
         ({"layer_decay": 1.2}, r"--layer_decay 1.2: must be in \(0, 1\]"),
         ({"lr_base_scale": "cubic"}, "--lr_base_scale cubic: must be `linear` or `sqrt`"),
         ({"auto_augment": "rand-9"}, "--auto_augment rand-9: must be `none`, `trivial` .* or `rand-m"),
+        ({"crop_ratio": [4 / 3, 3 / 4]}, "--crop_ratio 1.33.* 0.75: must be MIN MAX with 0 < MIN <= MAX"),
     ],
 )
 def test_out_of_range_values_name_the_flag_and_range(setting, message):
@@ -200,6 +201,8 @@ def test_repeated_order_is_seeded_by_epoch_and_one_copy_is_a_permutation():
         (["--ema_decay", "1"], r"--ema_decay 1.0: must be in \(0, 1\), or `none`"),
         (["--layer_decay", "0"], r"--layer_decay 0.0: must be in \(0, 1\], or `none`"),
         (["--auto_augment", "strong"], "--auto_augment strong: must be `none`, `trivial`"),
+        (["--crop_ratio", "2", "1"], "--crop_ratio 2.0 1.0: must be MIN MAX with 0 < MIN <= MAX"),
+        (["--crop_ratio", "0", "1"], "--crop_ratio: must be a positive finite number, got 0.0"),
     ],
 )
 def test_the_command_line_refuses_recipe_values_out_of_range(flags, message, capsys):

@@ -135,6 +135,14 @@ class DataArguments:
         "--recipe's.",
         recipe=True,
     )
+    crop_ratio: tuple[float, float] | None = flag(
+        type=positive_float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="Aspect ratio (width / height) range of the random resized crop, log-uniform. `--crop_scale 1 1 "
+        "--crop_ratio 1 1` turns the crop off. Default: the --recipe's (3/4 to 4/3).",
+        recipe=True,
+    )
     horizontal_flip: bool | None = flag(
         action=argparse.BooleanOptionalAction,
         help="Mirror training images at random. Default: on, except for the digits, which a mirror turns into "
@@ -479,6 +487,7 @@ class Arguments:
                 if item.metadata.get("recipe"):
                     setattr(group, item.name, settings[item.name])
         self.data.crop_scale = tuple(settings["crop_scale"])
+        self.data.crop_ratio = tuple(settings["crop_ratio"])
         if settings["drop_path_rate"] is not None:
             self.model.config["drop_path_rate"] = settings["drop_path_rate"]
         self.recipe.settings = settings

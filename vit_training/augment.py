@@ -29,7 +29,7 @@ SKIPPED_LABEL = -100
 
 
 class Augmentation:
-    """Random resized crop (area fraction uniform in `crop_scale`, log aspect ratio uniform in [3/4, 4/3]) to
+    """Random resized crop (area fraction uniform in `crop_scale`, log aspect ratio uniform in `crop_ratio`) to
     `output_size`, a horizontal flip with `flip`, then `policy` (a `SampleAugment`), seeded by (seed, epoch, sample).
 
     The epoch lives in shared memory, so that persistent loader worker processes see the epoch the loop sets.
@@ -37,9 +37,10 @@ class Augmentation:
 
     def __init__(
         self, output_size: tuple[int, int], crop_scale: tuple[float, float], flip: bool, seed: int,
-        policy: "SampleAugment | None" = None,
+        policy: "SampleAugment | None" = None, crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
     ):  # fmt: skip
         self.output_size, self.crop_scale, self.flip, self.seed = tuple(output_size), tuple(crop_scale), flip, seed
+        self.crop_ratio = tuple(crop_ratio)
         self.policy = policy if policy is not None and policy.active else None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -63,7 +64,7 @@ class Augmentation:
         """The augmentation of one PIL image, as a uint8 tensor."""
         flip = [T.RandomHorizontalFlip()] if self.flip else []
         policy = [self.policy] if self.policy is not None else []
-        return T.Compose([T.RandomResizedCrop(self.output_size, scale=self.crop_scale), *flip, T.ToImage(), *policy])
+        return T.Compose([T.RandomResizedCrop(self.output_size, scale=self.crop_scale, ratio=self.crop_ratio), *flip, T.ToImage(), *policy])
 
 
 class SampleAugment:
@@ -161,6 +162,7 @@ class TrainTransform(EvalTransform):
 def build_transforms(
     image_processor, num_channels: int, columns: tuple[str, str], *, crop_scale: tuple[float, float], flip: bool,
     seed: int, skip_bad_images: bool = False, auto_augment: str = "none", random_erasing: float = 0.0,
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> tuple[TrainTransform, EvalTransform]:
     """Training (`Augmentation`) and evaluation (resize, center crop) transforms with the size, mean and standard
     deviation of `image_processor`, converting every image to the model's channels. `columns`: the image column and
@@ -176,7 +178,7 @@ def build_transforms(
     crop = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None
     crop = (crop["height"], crop["width"]) if crop else resize
     policy = SampleAugment(auto_augment, random_erasing, mean)
-    augmentation = Augmentation(crop, crop_scale, flip, seed, policy)
+    augmentation = Augmentation(crop, crop_scale, flip, seed, policy, crop_ratio)
     resize_and_crop = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToImage()])
     common = (mean, std, "RGB" if num_channels == 3 else "L", columns)
     train = TrainTransform(augmentation, *common, skip_bad_images=skip_bad_images)
@@ -234,7 +236,8 @@ class BatchAugment(BatchNormalize):
         height, width = input_size
         low, high = self.augmentation.crop_scale
         area = (low + (high - low) * draws[:, 0]) * height * width
-        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * draws[:, 1])
+        log_low, log_high = (math.log(bound) for bound in self.augmentation.crop_ratio)
+        ratio = torch.exp(log_low + (log_high - log_low) * draws[:, 1])
         crop_width = torch.sqrt(area * ratio).clamp(max=width)
         crop_height = torch.sqrt(area / ratio).clamp(max=height)
         left = (width - crop_width) * draws[:, 2]

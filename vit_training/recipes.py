@@ -33,6 +33,7 @@ BASIC = {
     "warmup_steps": 0.05,
     "drop_path_rate": None,
     "crop_scale": [0.85, 1.0],
+    "crop_ratio": [3 / 4, 4 / 3],
     "repeated_augmentation": 1,
 }
 RECIPES = {
@@ -82,6 +83,7 @@ def check_settings(settings: dict):
     _check(settings, "lr_base", lambda value: value > 0, "must be > 0")
     _check(settings, "lr_base_size", lambda value: value >= 1, "must be a batch size >= 1")
     _check(settings, "lr_base_scale", lambda value: value in ("linear", "sqrt"), "must be `linear` or `sqrt`")
+    _check(settings, "crop_ratio", lambda value: 0 < value[0] <= value[1], "must be MIN MAX with 0 < MIN <= MAX")
     _check(settings, "repeated_augmentation", lambda value: value >= 1, "must be a number of copies >= 1")
     policy_parameters(settings["auto_augment"])
 
@@ -97,8 +99,10 @@ def policy_parameters(name: str) -> tuple[int, int] | None:
 
 
 def _check(settings: dict, name: str, valid, requirement: str):
-    if not valid(settings[name]):
-        raise TrainingError(f"--{name} {settings[name]}: {requirement}.")
+    value = settings[name]
+    if not valid(value):
+        shown = " ".join(str(item) for item in value) if isinstance(value, (list, tuple)) else value
+        raise TrainingError(f"--{name} {shown}: {requirement}.")
 
 
 def check_layer_decay(layer_decay: float | None, num_hidden_layers: int):
@@ -138,7 +142,7 @@ def learning_rate(settings: dict, global_batch: int) -> float:
 @dataclass
 class RecipeArguments:
     """recipe (a named set of augmentation and optimisation settings; every flag here, and --learning_rate,
-    --weight_decay, --warmup_steps, --label_smoothing, --crop_scale and --drop_path_rate, overrides its value)"""
+    --weight_decay, --warmup_steps, --label_smoothing, --crop_scale, --crop_ratio and --drop_path_rate, overrides its value)"""
 
     recipe: str | None = flag(
         choices=tuple(RECIPES),
