@@ -4,7 +4,8 @@ Writes Fashion-MNIST as an image folder once (benchmark_fashion_mnist.py's conve
 `dataset-fashion-mnist`), then:
 
 1. pre-trains `run_pretrain.py` on the 60,000 training images, their labels unused, with a 1.2M-parameter ViT
-   (28 px grey images, 7 px patches: 16 tokens of width 128, 6 blocks, mean pooling) and a light decoder (2 blocks of width 128), 75% of the patches masked;
+   (28 px grey images, 7 px patches: 16 tokens of width 128, 6 blocks, mean pooling) and a light decoder (2 blocks
+   of width 128), 75% of the patches masked;
 2. for each labelled-set size (default: 100 images per class, 1,000 in all) and each seed, draws that many training
    images per class and fine-tunes `run_finetune.py` on them for the same number of optimizer steps (default 300 of
    64 images, about a minute) twice: from the pre-trained encoder (`--recipe finetune`: layer decay) and from scratch

@@ -64,7 +64,8 @@ class Augmentation:
         """The augmentation of one PIL image, as a uint8 tensor."""
         flip = [T.RandomHorizontalFlip()] if self.flip else []
         policy = [self.policy] if self.policy is not None else []
-        return T.Compose([T.RandomResizedCrop(self.output_size, scale=self.crop_scale, ratio=self.crop_ratio), *flip, T.ToImage(), *policy])
+        crop = T.RandomResizedCrop(self.output_size, scale=self.crop_scale, ratio=self.crop_ratio)
+        return T.Compose([crop, *flip, T.ToImage(), *policy])
 
 
 class SampleAugment:

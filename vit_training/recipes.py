@@ -142,7 +142,8 @@ def learning_rate(settings: dict, global_batch: int) -> float:
 @dataclass
 class RecipeArguments:
     """recipe (a named set of augmentation and optimisation settings; every flag here, and --learning_rate,
-    --weight_decay, --warmup_steps, --label_smoothing, --crop_scale, --crop_ratio and --drop_path_rate, overrides its value)"""
+    --weight_decay, --warmup_steps, --label_smoothing, --crop_scale, --crop_ratio and --drop_path_rate, overrides its
+    value)"""
 
     recipe: str | None = flag(
         choices=tuple(RECIPES),
