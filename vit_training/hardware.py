@@ -32,9 +32,11 @@ logger = logging.getLogger(__name__)
 LOGGING_DIR = "runs"
 # Where launchers say how many processes run on this machine: torchrun and `accelerate launch`, then MPI's.
 LOCAL_PROCESS_COUNT_VARIABLES = ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"]
-# Multiply-adds of one MLP layer on a batch (batch x tokens x width x MLP width) below which a second thread costs more
-# than it saves on the CPU (benchmarks/benchmark_fashion_mnist.py measures both sides of it).
-MIN_WORK_PER_THREAD = 2**25
+# Multiply-adds of one MLP layer on a batch (batch x tokens x width x MLP width) per thread below which a second thread
+# costs more than it saves on the CPU. benchmarks/benchmark_threads.py measures both sides: on 2 cores the digits
+# model (2 Mi per thread) trains 0.94x as fast on two threads, 28 px images in 7 px patches at width 64 (8 Mi) 1.09x,
+# at width 96 (18 Mi) 1.30x.
+MIN_WORK_PER_THREAD = 2**22
 # --torch_compile auto tries compiling only when steps this much faster (about the best measured, on small models)
 # would save this many seconds over the run: trying costs a compilation (benchmarks/README.md).
 BEST_COMPILE_SPEEDUP = 1.5
