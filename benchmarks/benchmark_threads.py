@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_vit_custom import ViTCustomConfig  # noqa: E402
 from modeling_vit_custom import ViTCustomForImageClassification  # noqa: E402
-from vit_training.hardware import MIN_WORK_PER_THREAD  # noqa: E402
+from vit_training.hardware import MIN_WORK_PER_THREAD, mlp_work, threads_for  # noqa: E402
 
 # (name, batch, config): the digits default run, and Fashion-MNIST models of 7 px patches.
 MODELS = [
@@ -54,9 +54,7 @@ def main():
                 step(args.steps)
                 speeds[threads].append(batch * args.steps / (time.perf_counter() - start))
         ratios = [many / one for one, many in zip(speeds[1], speeds[cores])]
-        tokens = config.grid_size[0] * config.grid_size[1]
-        work = batch * tokens * config.hidden_size * config.intermediate_size
-        choice = cores if work >= MIN_WORK_PER_THREAD * cores else 1
+        work, choice = mlp_work(config, batch), threads_for(config, batch, cores)
         print(f"| {name} | {batch} | {work / cores / 2**20:.1f} Mi | {choice} | "
               f"{statistics.median(speeds[1]):.0f} | {statistics.median(speeds[cores]):.0f} | "
               f"{statistics.median(ratios):.2f} |")  # fmt: skip

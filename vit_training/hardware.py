@@ -33,9 +33,9 @@ LOGGING_DIR = "runs"
 # Where launchers say how many processes run on this machine: torchrun and `accelerate launch`, then MPI's.
 LOCAL_PROCESS_COUNT_VARIABLES = ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"]
 # Multiply-adds of one MLP layer on a batch (batch x tokens x width x MLP width) per thread below which a second thread
-# costs more than it saves on the CPU. benchmarks/benchmark_threads.py measures both sides: on 2 cores the digits
-# model (2 Mi per thread) trains 0.94x as fast on two threads, 28 px images in 7 px patches at width 64 (8 Mi) 1.09x,
-# at width 96 (18 Mi) 1.30x.
+# costs more than it saves on the CPU. benchmarks/benchmark_threads.py measures both sides: on 2 cores of an AMD EPYC
+# the digits model (2.1 Mi per thread) trains 0.94x as fast on two threads, 28 px images in 7 px patches at width 64
+# (8.5 Mi) 1.09x, at width 96 (19 Mi) 1.30x. The line moves with the machine: on a 2 GHz Xeon the digits gain 1.13x.
 MIN_WORK_PER_THREAD = 2**22
 # --torch_compile auto tries compiling only when steps this much faster (about the best measured, on small models)
 # would save this many seconds over the run: trying costs a compilation (benchmarks/README.md).
@@ -137,9 +137,18 @@ def set_threads(num_threads: int | None, accelerator: Accelerator, cores: int, c
     """
     if num_threads is not None or accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
+    torch.set_num_threads(threads_for(config, batch, cores))
+
+
+def threads_for(config: ViTCustomConfig, batch: int, cores: int) -> int:
+    """`cores` when one MLP layer on a batch gives each core at least MIN_WORK_PER_THREAD multiply-adds, else 1."""
+    return cores if mlp_work(config, batch) >= MIN_WORK_PER_THREAD * cores else 1
+
+
+def mlp_work(config: ViTCustomConfig, batch: int) -> int:
+    """Multiply-adds of one MLP layer on a batch: batch x tokens x width x MLP width."""
     tokens = config.num_prefix_tokens + config.grid_size[0] * config.grid_size[1]
-    mlp_work = batch * tokens * config.hidden_size * config.intermediate_size
-    torch.set_num_threads(cores if mlp_work >= MIN_WORK_PER_THREAD * cores else 1)
+    return batch * tokens * config.hidden_size * config.intermediate_size
 
 
 def cores_per_process(accelerator: Accelerator) -> int:
