@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     # DeiT's repeated augmentation: with several processes, each image of an epoch in several copies, augmented
     # differently and trained on by different processes.
     copies = recipe["repeated_augmentation"] if accelerator.num_processes > 1 and not data.streaming else 1
-    hardware.set_threads(training.num_threads, accelerator, cores, model.config, batch_size)
+    threads = hardware.set_threads(training.num_threads, accelerator, cores, model.config, batch_size, checkpoint)
     if in_memory:
         splits, bad_images = loaders.load_in_memory(dataset, train_transform, eval_transform, processes=cores)
         train_dataset, eval_dataset, test_dataset = splits["train"], splits["validation"], splits.get("test")
@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         num_workers = data.dataloader_num_workers
         if num_workers == "auto":
             num_workers = hardware.default_num_workers(accelerator)
-    logger.info(f"{num_workers} data loader worker process(es) and {torch.get_num_threads()} thread(s) per process")
+    logger.info(
+        f"{num_workers} data loader worker process(es) and {torch.get_num_threads()} thread(s) per process ({threads})"
+    )
     loader_options = {"num_workers": num_workers, "seed": training.seed, "device": accelerator.device}
     if data.streaming:
         # Its own loader, not prepared by Accelerate (which would split the shards a second time); it saves each
@@ -256,7 +258,9 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
 
     # 4. Pick up where a previous run stopped, or start a new one.
     settings = {**args.resumed_settings(), "processes": accelerator.num_processes, "training images": num_train_samples}
-    progress = TrainingProgress(settings=settings, planned_steps=max_train_steps, compiled=compiled)
+    progress = TrainingProgress(
+        settings=settings, planned_steps=max_train_steps, compiled=compiled, threads=torch.get_num_threads()
+    )
     accelerator.register_for_checkpointing(progress)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         accelerator.register_for_checkpointing(train_dataloader)
     if checkpoint is not None:
         checkpoints.load_checkpoint(accelerator, checkpoint, progress)
+        progress.threads = torch.get_num_threads()
     outputs.prepare_output_dir(output_dir, checkpoint, output.overwrite_output_dir, accelerator)
     if output.with_tracking:
         accelerator.init_trackers(TRACKER_PROJECT, reporting.tracker_config(args.flat()))
@@ -364,7 +369,10 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
         results.update(run_evaluation(accelerator, evaluated, test_dataloader, prefix="test"))
         test_metrics = {k: v for k, v in results.items() if k.startswith("test_")}
         logger.info("test: " + reporting.format_metrics(test_metrics))
-    results.update(train_samples=num_train_samples, train_runtime=round(train_runtime, 2), torch_compile=compiled)
+    results.update(
+        train_samples=num_train_samples, train_runtime=round(train_runtime, 2), torch_compile=compiled,
+        train_threads=torch.get_num_threads(),
+    )
     if data.streaming:
         results["skipped_images"] = train_dataloader.total_skipped_images()
     # Images (on all processes) per second of the training epochs: what the data loading and the loop let the model

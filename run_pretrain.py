@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import vit_loading
 from vit_loading import shorten
@@ -75,6 +75,10 @@ class PretrainingArguments(arguments.Arguments):
 
     mae: MaskedAutoencoderArguments
 
+    unused_flags: ClassVar[tuple[str, ...]] = (
+        "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "label_smoothing", "ema_decay", "layer_decay",
+    )  # fmt: skip
+
     def default_output_dir(self) -> str:
         return f"{super().default_output_dir()}-mae"
 
@@ -84,11 +88,9 @@ class PretrainingArguments(arguments.Arguments):
     def check_recipe(self):
         """Refuse the recipe settings of classification, which masked-image pre-training would ignore."""
         settings = self.recipe.settings
-        unused = [
-            f"--{name} {settings[name]}"
-            for name in ("mixup_alpha", "cutmix_alpha", "label_smoothing", "ema_decay", "layer_decay")
-            if settings[name]
-        ]
+        # Mixing's probabilities are refused when given: every recipe sets them, and without mixing they do nothing.
+        given = [name for name in self.unused_flags if name in self.recipe.explicit or not name.startswith("mix_")]
+        unused = [f"--{name} {settings[name]}" for name in given if settings[name]]
         if unused:
             raise TrainingError(
                 f"{', '.join(unused)} (from --recipe {settings['recipe']} or the flags) train classifiers: "
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
     )  # fmt: skip
     logger.info(f"Images {'decoded once into memory' if plan[0] else 'decoded as the loaders need them'}: {plan[1]}")
     batch_size = training.per_device_train_batch_size
-    hardware.set_threads(training.num_threads, accelerator, cores, config, batch_size)
+    threads = hardware.set_threads(training.num_threads, accelerator, cores, config, batch_size, checkpoint)
+    logger.info(f"{torch.get_num_threads()} thread(s) per process ({threads})")
     num_workers = 0 if plan[0] else data.dataloader_num_workers
     num_workers = hardware.default_num_workers(accelerator) if num_workers == "auto" else num_workers
     mean, std = train_transform.mean, train_transform.std
@@ -236,11 +239,12 @@ def main(argv: list[str] | None = None, on_event: Callable[[str, dict], None] | 
 
     # 4. Pick up where a previous run stopped, or start a new one.
     settings = {**args.resumed_settings(), "processes": accelerator.num_processes, "training images": num_train_samples}
-    progress = TrainingProgress(settings=settings, planned_steps=max_train_steps)
+    progress = TrainingProgress(settings=settings, planned_steps=max_train_steps, threads=torch.get_num_threads())
     for stateful in [progress, train_dataloader] if data.streaming else [progress]:
         accelerator.register_for_checkpointing(stateful)
     if checkpoint is not None:
         checkpoints.load_checkpoint(accelerator, checkpoint, progress)
+        progress.threads = torch.get_num_threads()
     outputs.prepare_output_dir(output_dir, checkpoint, output.overwrite_output_dir, accelerator)
     accelerator.init_trackers(TRACKER_PROJECT, reporting.tracker_config(args.flat()))  # none without --with_tracking
 

@@ -7,15 +7,20 @@ Reads Debian's `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`)
 
 with the 10,000 test images as validation set, so that the accuracy logged after every epoch is the test accuracy.
 It prints each epoch's test accuracy with the wall time since the command started (start-up, loading and the
-evaluations included). Then the cost of the recipe's augmentation: the training img/s of short runs with the recipe
-as given against the same runs with augmentation off (no policy, erasing, Mixup/CutMix), in alternating rounds.
+evaluations included). Then the cost of the recipe's augmentation, two ways: the training img/s of short runs with
+the recipe as given against the same runs with augmentation off (no policy, erasing, Mixup/CutMix), in alternating
+rounds, and, steadier on a machine whose speed drifts, the same two in one process: training steps with the script's
+own parts (`BatchAugment` on the in-memory images, `BatchMixing`, the loss, fused AdamW, the EMA), the two settings in
+alternating rounds of a few seconds.
 
     python benchmarks/benchmark_recipe_fashion_mnist.py                  # about 25 minutes on 2 cores, all included
     python benchmarks/benchmark_recipe_fashion_mnist.py --no-run          # only the augmentation cost
+    python benchmarks/benchmark_recipe_fashion_mnist.py --no-run --rounds 0   # only its in-process part, 2 minutes
     python benchmarks/benchmark_recipe_fashion_mnist.py -- --num_train_epochs 2   # flags after -- go to the run
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -57,10 +62,15 @@ def main():
             print("| epoch | wall time (min) | test accuracy |\n|---|---|---|")
             for epoch, minutes, accuracy in curve:
                 print(f"| {epoch} | {minutes:.1f} | {accuracy:.4f} |")
-        ratios = augmentation_cost(data, args.recipe_flags, args.rounds, Path(workdir))
-        print(f"\ntraining img/s, recipe {' '.join(args.recipe_flags)} / augmentation off, by round: "
-              f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}; median {statistics.median(ratios):.3f} "
-              "(target >= 0.9)")  # fmt: skip
+        if args.rounds:
+            ratios = augmentation_cost(data, args.recipe_flags, args.rounds, Path(workdir))
+            print(f"\ntraining img/s, recipe {' '.join(args.recipe_flags)} / augmentation off, by round: "
+                  f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}; median {statistics.median(ratios):.3f} "
+                  "(target >= 0.9)")  # fmt: skip
+    ratios, threads = augmentation_cost_in_process(args.recipe_flags, args.steps_rounds, args.steps)
+    print(f"\nthe same in one process ({threads} threads, {args.steps_rounds} alternating rounds of {args.steps} "
+          f"steps): {', '.join(f'{ratio:.3f}' for ratio in ratios)}; median {statistics.median(ratios):.3f} "
+          "(target >= 0.9)")  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +78,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data_dir", type=Path, default=Path(tempfile.gettempdir()) / "fashion-mnist-folder",
                         help="Where the image folder is written once and then reused.")  # fmt: skip
     parser.add_argument("--run", action=argparse.BooleanOptionalAction, default=True, help="Time the full run.")
-    parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds of the augmentation cost.")
+    parser.add_argument("--rounds", type=int, default=2, help="Alternating rounds of the augmentation cost (runs).")
+    parser.add_argument("--steps_rounds", type=int, default=15, help="Alternating rounds of it in one process.")
+    parser.add_argument("--steps", type=int, default=30, help="Training steps per round and side in one process.")
     parser.add_argument(
         "--recipe_flags", nargs="*", default=["--recipe", "from-scratch"],
         help="The recipe whose augmentation is timed (default: the whole from-scratch recipe).",
@@ -115,6 +127,74 @@ def augmentation_cost(data: list[str], recipe_flags: list[str], rounds: int, wor
         print(f"round {index + 1}: recipe {rates['recipe']} img/s, augmentation off {rates['off']} img/s", flush=True)
         ratios.append(rates["recipe"] / rates["off"])
     return ratios
+
+
+def augmentation_cost_in_process(recipe_flags: list[str], rounds: int, steps: int) -> tuple[list[float], int]:
+    """Per round: img/s of `steps` training steps with the recipe's augmentation over `steps` without, in this
+    process, each side with its own model, optimizer and weight average, as run_finetune.py builds them from the same
+    flags; and the threads (as the script would choose them)."""
+    import torch
+    from benchmark_fashion_mnist import CLASSES, read_idx
+    from accelerate import Accelerator
+
+    import run_finetune
+    from vit_training import hardware
+    from vit_training.augment import BatchAugment, build_transforms
+    from vit_training.ema import weight_average
+    from vit_training.images import InMemoryImages
+    from vit_training.loop import accumulate_gradients
+    from vit_training.mixing import BatchMixing
+
+    images, labels = read_idx("train")
+    dataset = InMemoryImages(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype("int64")))
+    accelerator = Accelerator(cpu=True)
+    model_flags = RECIPE_RUN[: RECIPE_RUN.index("--num_train_epochs")]
+    sides = {}
+    for name, extra in (("recipe", recipe_flags), ("off", [*recipe_flags, *AUGMENTATION_OFF])):
+        args = run_finetune.parse_args([*model_flags, *extra, "--output_dir", "unused"])
+        recipe, batch = args.recipe.settings, args.training.per_device_train_batch_size
+        torch.manual_seed(args.training.seed)
+        model, processor = run_finetune.load_model(args.model, CLASSES)
+        train_transform, _ = build_transforms(
+            processor, 1, ("image", "label"), crop_scale=args.data.crop_scale, flip=args.data.horizontal_flip,
+            seed=args.training.seed, auto_augment=recipe["auto_augment"], random_erasing=recipe["random_erasing"],
+            crop_ratio=args.data.crop_ratio,
+        )  # fmt: skip
+        collate = BatchAugment(train_transform.augmentation, train_transform.mean, train_transform.std, len(dataset))
+        mixing = BatchMixing(len(CLASSES), recipe["mixup_alpha"], recipe["cutmix_alpha"], recipe["mix_prob"],
+                             recipe["mix_switch_prob"], args.training.seed)  # fmt: skip
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+        ema = weight_average(model, recipe["ema_decay"]) if recipe["ema_decay"] is not None else None
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).split(batch)
+        sides[name] = (model, collate, mixing if mixing.active else None, optimizer, ema, order, args)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads, _ = hardware.choose_threads(sides["recipe"][0].config, batch, cores, torch.device("cpu"))
+    torch.set_num_threads(threads)
+    counters = dict.fromkeys(sides, 0)
+
+    def train(name: str, count: int) -> float:
+        model, collate, mixing, optimizer, ema, order, args = sides[name]
+        model.train()
+        start = time.perf_counter()
+        for _ in range(count):
+            step = counters[name]
+            batch = collate(dataset.__getitems__(order[step % len(order)].tolist()))
+            mix = mixing and functools.partial(mixing, step=step)
+            accumulate_gradients(accelerator, model, [batch], args.training.label_smoothing, mix=mix)
+            optimizer.step()
+            optimizer.zero_grad()
+            if ema is not None:
+                ema.update(model, step=step + 1)
+            counters[name] += 1
+        return count * len(order[0]) / (time.perf_counter() - start)
+
+    for name in sides:
+        train(name, 5)  # warm-up, and each side's table of the epoch's draws
+    ratios = []
+    for index in range(rounds):
+        rates = {name: train(name, steps) for name in (sides if index % 2 == 0 else reversed(list(sides)))}
+        ratios.append(rates["recipe"] / rates["off"])
+    return ratios, threads
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Where a second CPU thread starts to pay: training steps of small ViTs on one thread against all cores.
 
-`run_finetune.py` trains on every core of its process unless the model's MLP layer is too small to share between
-threads (`MIN_WORK_PER_THREAD` in `vit_training/hardware.py`: batch x tokens x width x MLP width per thread). This
-benchmark times full training steps (forward, backward, AdamW) of models on both sides of that line, one thread
-against all cores in alternating rounds in one process, and prints the ratio beside the choice the script makes.
+`run_finetune.py` trains on every core of its process when the model's MLP layer is large enough to share between
+threads, on one when it is small, and times a few steps on both between the two (`TRIAL_WORK_PER_THREAD` in
+`vit_training/hardware.py`: batch x tokens x width x MLP width per thread). This benchmark times full training steps
+(forward, backward, AdamW) of models around that range, one thread against all cores in alternating rounds in one
+process, and prints the ratio beside the choice the script makes on this machine (`hardware.choose_threads`).
 
     python benchmarks/benchmark_threads.py             # about 3 minutes on 2 cores
 """
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_vit_custom import ViTCustomConfig  # noqa: E402
 from modeling_vit_custom import ViTCustomForImageClassification  # noqa: E402
-from vit_training.hardware import MIN_WORK_PER_THREAD, mlp_work, threads_for  # noqa: E402
+from vit_training.hardware import TRIAL_WORK_PER_THREAD, choose_threads, mlp_work  # noqa: E402
 
 # (name, batch, config): the digits default run, and Fashion-MNIST models of 7 px patches.
 MODELS = [
@@ -54,11 +55,12 @@ def main():
                 step(args.steps)
                 speeds[threads].append(batch * args.steps / (time.perf_counter() - start))
         ratios = [many / one for one, many in zip(speeds[1], speeds[cores])]
-        work, choice = mlp_work(config, batch), threads_for(config, batch, cores)
+        work, (choice, _) = mlp_work(config, batch), choose_threads(config, batch, cores, torch.device("cpu"))
         print(f"| {name} | {batch} | {work / cores / 2**20:.1f} Mi | {choice} | "
               f"{statistics.median(speeds[1]):.0f} | {statistics.median(speeds[cores]):.0f} | "
               f"{statistics.median(ratios):.2f} |")  # fmt: skip
-    print(f"\nMIN_WORK_PER_THREAD = {MIN_WORK_PER_THREAD / 2**20:.0f} Mi multiply-adds")
+    low, high = (work / 2**20 for work in TRIAL_WORK_PER_THREAD)
+    print(f"\nTRIAL_WORK_PER_THREAD: {low:.0f} to {high:.0f} Mi multiply-adds")
 
 
 def training_step(config: ViTCustomConfig, batch: int):

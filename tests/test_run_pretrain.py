@@ -180,6 +180,28 @@ def test_a_mask_ratio_outside_zero_to_one_is_a_usage_error(argv, message, capsys
 
 
 @pytest.mark.parametrize(
+    "argv, refused",
+    [
+        (["--mixup_alpha", "0.8"], "--mixup_alpha 0.8"),
+        (["--mix_prob", "0.5"], "--mix_prob 0.5"),
+        (["--label_smoothing", "0.1"], "--label_smoothing 0.1"),
+        (["--recipe", "from-scratch"], "--mixup_alpha 0.8, --cutmix_alpha 1.0, --label_smoothing 0.1, --ema_decay"),
+    ],
+)
+def test_classification_settings_are_refused_by_name_and_left_out_of_the_help(argv, refused, capsys):
+    with pytest.raises(SystemExit):
+        run_pretrain.parse_args(argv)
+    assert refused in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_pretrain.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    unused = r"^ +--(mixup_alpha|cutmix_alpha|mix_prob|mix_switch_prob|label_smoothing|ema_decay|layer_decay)\b"
+    assert re.search(r"^ +--random_erasing\b", shown, re.M) and not re.search(unused, shown, re.M)
+    run_pretrain.parse_args(["--recipe", "from-scratch", "--mixup_alpha", "0", "--cutmix_alpha", "0",
+                             "--label_smoothing", "0", "--ema_decay", "none"])  # the rest of from-scratch pre-trains
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["--mask_ratio", "0.97"], r"mask_ratio=0.97 hides all 16 patches.*at most 0.9375"),

@@ -15,6 +15,7 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 from vit_loading import unwritable_folder_reason
 from vit_training.errors import TrainingError
@@ -445,6 +446,9 @@ class Arguments:
     checkpoints: CheckpointArguments
     output: OutputArguments
 
+    # Flags of the shared groups that this script refuses when given (`check_recipe`), and leaves out of its help.
+    unused_flags: ClassVar[tuple[str, ...]] = ()
+
     def resumed_settings(self) -> dict:
         """`{"--flag": value}` of the flags a resumed run must repeat: a checkpoint's place in the data and its
         optimizer and learning-rate state count in the steps, images and values of the run that wrote it."""
@@ -490,7 +494,7 @@ class Arguments:
         self.data.crop_ratio = tuple(settings["crop_ratio"])
         if settings["drop_path_rate"] is not None:
             self.model.config["drop_path_rate"] = settings["drop_path_rate"]
-        self.recipe.settings = settings
+        self.recipe.settings, self.recipe.explicit = settings, explicit
         self.check_recipe()
 
     def check_recipe(self):
@@ -508,13 +512,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def build_parser(description: str, groups: dict[str, type] = GROUPS) -> argparse.ArgumentParser:
+def build_parser(
+    description: str, groups: dict[str, type] = GROUPS, unused: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
+    """The parser of the flags of `groups`; those named in `unused` are parsed (to be refused by name) but not shown."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     for name, group_type in groups.items():
         group = parser.add_argument_group(group_type.__doc__)
         for item in fields(group_type):
             if item.metadata:
                 options = {k: v for k, v in item.metadata.items() if k not in ("needs", "resumed", "recipe")}
+                if item.name in unused:
+                    options["help"] = argparse.SUPPRESS
                 add_flag(group, item.name, f"{name}.{item.name}", default=item.default, **options)
         if group_type is ModelArguments:
             for field_name, options in config_flags().items():
@@ -535,7 +544,7 @@ def parse_args(argv: list[str] | None, description: str, arguments: type[Argumen
     `arguments`: the script's `Arguments` class; a subclass may add groups (its fields) and its default output folder.
     """
     group_types = {item.name: item.type for item in fields(arguments)}
-    parser = build_parser(description, group_types)
+    parser = build_parser(description, group_types, arguments.unused_flags)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and Path(argv[0]).suffix in (".json", ".yaml", ".yml"):
         argv = file_arguments(Path(argv[0]), parser) + argv[1:]

@@ -17,6 +17,7 @@ from accelerate.utils import (
     FullyShardedDataParallelPlugin,
     ProjectConfiguration,
     TorchDynamoPlugin,
+    broadcast_object_list,
     get_int_from_env,
 )
 from torch import nn
@@ -32,11 +33,16 @@ logger = logging.getLogger(__name__)
 LOGGING_DIR = "runs"
 # Where launchers say how many processes run on this machine: torchrun and `accelerate launch`, then MPI's.
 LOCAL_PROCESS_COUNT_VARIABLES = ["LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"]
-# Multiply-adds of one MLP layer on a batch (batch x tokens x width x MLP width) per thread below which a second thread
-# costs more than it saves on the CPU. benchmarks/benchmark_threads.py measures both sides: on 2 cores of an AMD EPYC
-# the digits model (2.1 Mi per thread) trains 0.94x as fast on two threads, 28 px images in 7 px patches at width 64
-# (8.5 Mi) 1.09x, at width 96 (19 Mi) 1.30x. The line moves with the machine: on a 2 GHz Xeon the digits gain 1.13x.
-MIN_WORK_PER_THREAD = 2**22
+# Multiply-adds of one MLP layer on a batch (batch x tokens x width x MLP width) per thread between which threads are
+# chosen by timing a few training steps on one thread and on every core: below the first a second thread only waits
+# for the first, above the second it pays everywhere measured. Where the line falls depends on the machine
+# (benchmarks/benchmark_threads.py): on 2 cores of an AMD EPYC the digits model (2.1 Mi per thread) trains 0.94x as
+# fast on two threads as on one, 28 px images in 7 px patches at width 64 (8.5 Mi) 1.09x, at width 96 (19 Mi) 1.30x;
+# on 2 cores of a 2 GHz Xeon the digits gain 1.13x, width 64 1.33x.
+TRIAL_WORK_PER_THREAD = (2**20, 2**24)
+# Every core is chosen when the trial's steps on them are at least this much faster than on one: more threads also
+# lose more when another program takes a core for a while.
+MIN_THREAD_SPEEDUP = 1.05
 # --torch_compile auto tries compiling only when steps this much faster (about the best measured, on small models)
 # would save this many seconds over the run: trying costs a compilation (benchmarks/README.md).
 BEST_COMPILE_SPEEDUP = 1.5
@@ -127,22 +133,67 @@ def check_tracker(report_to: str):
         )
 
 
-def set_threads(num_threads: int | None, accelerator: Accelerator, cores: int, config: ViTCustomConfig, batch: int):
-    """PyTorch threads for training on the CPU: `num_threads` (applied already), else $OMP_NUM_THREADS, else every
-    core of this process when the model's layers are large enough to share, else one.
+def set_threads(
+    num_threads: int | None, accelerator: Accelerator, cores: int, config: ViTCustomConfig, batch: int,
+    checkpoint: Path | None = None,
+) -> str:
+    """PyTorch threads for training on the CPU, and why, for the log: `num_threads` (applied already), else
+    $OMP_NUM_THREADS, else those of the run `checkpoint` continues (threads may sum in another order), else
+    `choose_threads`: all cores of this process for layers large enough to share, one for small ones, and a timing
+    trial between the two. With several processes, every process takes the main process's choice.
 
     A layer too small to split only makes threads wait for each other, and far longer when another program uses a
     core too. Loading needs no core of its own: in memory it is a few tensor operations per batch, and a loader worker
     decoding small images needs a fraction of one.
     """
-    if num_threads is not None or accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    torch.set_num_threads(threads_for(config, batch, cores))
+    if num_threads is not None:
+        return f"--num_threads {num_threads}"
+    if accelerator.device.type != "cpu":
+        return f"the default on {accelerator.device.type}"
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    saved = 0
+    if checkpoint is not None:
+        saved = torch.load(checkpoint / PROGRESS_FILE, weights_only=True).get("threads", 0)
+    if saved:
+        threads, reason = min(saved, cores), f"as the run {checkpoint} continues"
+    else:
+        threads, reason = choose_threads(config, batch, cores, torch.device("cpu"))
+    if accelerator.num_processes > 1:
+        threads, reason = broadcast_object_list([threads, reason], from_process=0)
+    torch.set_num_threads(threads)
+    return reason
 
 
-def threads_for(config: ViTCustomConfig, batch: int, cores: int) -> int:
-    """`cores` when one MLP layer on a batch gives each core at least MIN_WORK_PER_THREAD multiply-adds, else 1."""
-    return cores if mlp_work(config, batch) >= MIN_WORK_PER_THREAD * cores else 1
+def choose_threads(config: ViTCustomConfig, batch: int, cores: int, device: torch.device) -> tuple[int, str]:
+    """The threads to train a model of `config` at `batch` with on `cores` CPU cores, and why.
+
+    One when a layer gives each core less than `TRIAL_WORK_PER_THREAD[0]` multiply-adds, every core above
+    `TRIAL_WORK_PER_THREAD[1]`. Between the two, training steps of a fresh model of `config` are timed on one thread
+    and on every core in alternating rounds (about a second for the digits model), and every core is chosen when its
+    fastest step is `MIN_THREAD_SPEEDUP` times faster. The global random generator is left as it was.
+    """
+    if cores == 1:
+        return 1, "one core for this process"
+    work = mlp_work(config, batch) / cores
+    if work < TRIAL_WORK_PER_THREAD[0]:
+        return 1, f"{work / 2**20:.1f} Mi multiply-adds per layer and core are too few to share"
+    if work >= TRIAL_WORK_PER_THREAD[1]:
+        return cores, f"{work / 2**20:.0f} Mi multiply-adds per layer and core"
+    from modeling_vit_custom import ViTCustomForImageClassification
+
+    threads_before = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        model = ViTCustomForImageClassification(config)
+    times = {1: [], cores: []}
+    for _ in range(3):
+        for threads in times:
+            torch.set_num_threads(threads)
+            times[threads].append(time_training_steps(model, batch, device)[0])
+    torch.set_num_threads(threads_before)
+    one, every = min(times[1]), min(times[cores])
+    chosen = cores if one >= MIN_THREAD_SPEEDUP * every else 1
+    return chosen, f"a training step took {one * 1000:.1f} ms on 1 thread and {every * 1000:.1f} ms on {cores}"
 
 
 def mlp_work(config: ViTCustomConfig, batch: int) -> int:

@@ -15,6 +15,7 @@ class TrainingProgress:
     skipped_images: int = 0  # images of `epoch` that could not be decoded, with --on_bad_image skip (by each process)
     history: list[dict] = field(default_factory=list)  # the metrics of every finished epoch
     compiled: bool = False  # whether the model runs under torch.compile: a resumed run keeps it, for the same sums
+    threads: int = 0  # the CPU threads training runs on: a resumed run keeps them too (0: not recorded)
     settings: dict = field(default_factory=dict)  # what the counts above are in (the flags, processes and images)
     planned_steps: int = 0  # the optimizer steps of the whole run, which the learning-rate schedule spans
     schedule_changes: list[dict] = field(default_factory=list)  # resumes with another number of steps
