@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # (benchmarks/README.md has the curve and the alternatives measured). Width 96 learns as much per epoch as 128 at 1.4x
 # the speed, so 30 minutes hold 27 epochs; by then the model fits its training images, and erasing turns part of that
 # gap into test accuracy. Crops, the policy, Mixup/CutMix and drop path cost more accuracy per epoch than they give
-# back at this budget. The compile trial (30 s) is skipped: compiling does not speed these steps up.
+# back at this budget. No compile trial (30 s): compiling saves nothing over the run (benchmarks/README.md).
 RECIPE_RUN = (
     "--recipe from-scratch --num_channels 1 --image_size 28 --patch_size 7 --hidden_size 96 --num_hidden_layers 4 "
     "--num_attention_heads 4 --intermediate_size 384 --pooling mean --per_device_train_batch_size 64 "
@@ -47,6 +47,7 @@ RECIPE_RUN = (
     "--cutmix_alpha 0 --drop_path_rate 0 --crop_scale 1 1 --crop_ratio 1 1"
 ).split()
 AUGMENTATION_OFF = "--auto_augment none --random_erasing 0 --mixup_alpha 0 --cutmix_alpha 0".split()
+CHOICE_LINE = re.compile(r"torch\.compile (on|off):|thread\(s\) per process")
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .*?eval_accuracy ([\d.]+)")
 
 
@@ -67,10 +68,11 @@ def main():
             print(f"\ntraining img/s, recipe {' '.join(args.recipe_flags)} / augmentation off, by round: "
                   f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}; median {statistics.median(ratios):.3f} "
                   "(target >= 0.9)")  # fmt: skip
-    ratios, threads = augmentation_cost_in_process(args.recipe_flags, args.steps_rounds, args.steps)
-    print(f"\nthe same in one process ({threads} threads, {args.steps_rounds} alternating rounds of {args.steps} "
-          f"steps): {', '.join(f'{ratio:.3f}' for ratio in ratios)}; median {statistics.median(ratios):.3f} "
-          "(target >= 0.9)")  # fmt: skip
+    if args.steps_rounds:
+        ratios, threads = augmentation_cost_in_process(args.recipe_flags, args.steps_rounds, args.steps)
+        print(f"\nthe same in one process ({threads} threads, {args.steps_rounds} alternating rounds of {args.steps} "
+              f"steps): {', '.join(f'{ratio:.3f}' for ratio in ratios)}; median {statistics.median(ratios):.3f} "
+              "(target >= 0.9)")  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
@@ -102,6 +104,8 @@ def timed_run(run_argv: list[str], output_dir: Path) -> list[tuple[int, float, f
                 curve.append((int(match[1]), minutes, float(match[3])))
                 print(f"epoch {match[1]}/{match[2]}: test accuracy {float(match[3]):.4f} at {minutes:.1f} min",
                       flush=True)  # fmt: skip
+            elif CHOICE_LINE.search(line):  # what the script chose for this machine, and why
+                print(line.split(": ", 1)[-1].strip(), flush=True)
     if process.returncode != 0:
         sys.exit(f"run_finetune.py failed with exit code {process.returncode}")
     minutes = (time.perf_counter() - start) / 60
