@@ -202,6 +202,9 @@ def test_repeated_order_is_seeded_by_epoch_and_one_copy_is_a_permutation():
         (["--layer_decay", "0"], r"--layer_decay 0.0: must be in \(0, 1\], or `none`"),
         (["--auto_augment", "strong"], "--auto_augment strong: must be `none`, `trivial`"),
         (["--crop_ratio", "2", "1"], "--crop_ratio 2.0 1.0: must be MIN MAX with 0 < MIN <= MAX"),
+        (["--crop_scale", "0.9", "0.5"], "--crop_scale 0.9 0.5: must be MIN MAX with 0 < MIN <= MAX <= 1"),
+        (["--crop_scale", "0", "1"], "--crop_scale 0.0 1.0: must be MIN MAX with 0 < MIN <= MAX <= 1"),
+        (["--crop_scale", "0.5", "1.5"], r"--crop_scale: .*1.5"),
         (["--crop_ratio", "0", "1"], "--crop_ratio: must be a positive finite number, got 0.0"),
     ],
 )

@@ -207,8 +207,6 @@ class DataArguments:
             )
         if self.streaming and self.max_train_samples:
             raise ValueError("--max_train_samples does not apply to --streaming; bound the run with --max_train_steps")
-        if self.crop_scale[0] > self.crop_scale[1] or self.crop_scale[0] == 0:
-            raise ValueError(f"--crop_scale {self.crop_scale[0]} {self.crop_scale[1]}: need 0 < MIN <= MAX <= 1")
         if self.horizontal_flip is None:
             self.horizontal_flip = bool(self.dataset_name or self.train_dir)  # not for the built-in digits
 

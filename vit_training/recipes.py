@@ -83,6 +83,8 @@ def check_settings(settings: dict):
     _check(settings, "lr_base", lambda value: value > 0, "must be > 0")
     _check(settings, "lr_base_size", lambda value: value >= 1, "must be a batch size >= 1")
     _check(settings, "lr_base_scale", lambda value: value in ("linear", "sqrt"), "must be `linear` or `sqrt`")
+    _check(settings, "crop_scale", lambda value: 0 < value[0] <= value[1] <= 1,
+           "must be MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the image's area)")  # fmt: skip
     _check(settings, "crop_ratio", lambda value: 0 < value[0] <= value[1], "must be MIN MAX with 0 < MIN <= MAX")
     _check(settings, "repeated_augmentation", lambda value: value >= 1, "must be a number of copies >= 1")
     policy_parameters(settings["auto_augment"])
