@@ -346,7 +346,9 @@ class TrainingArguments:
     num_threads: int | None = flag(
         type=positive_int,
         help="PyTorch threads per process. Default on the CPU: $OMP_NUM_THREADS if set (torchrun and `accelerate "
-        "launch` set 1 for several processes), else the machine's cores divided among its training processes.",
+        "launch` set 1 for several processes), else the machine's cores divided among its training processes, or one "
+        "for a model whose layers are too small to share; between the two a few timed steps decide. A resumed run "
+        "keeps the threads of the run it continues.",
     )
 
 
