@@ -43,6 +43,8 @@ TRIAL_WORK_PER_THREAD = (2**20, 2**24)
 # Every core is chosen when the trial's steps on them are at least this much faster than on one: more threads also
 # lose more when another program takes a core for a while.
 MIN_THREAD_SPEEDUP = 1.05
+# Alternating rounds of the threads trial: on a shared 2-core machine one round's step times scatter by a third.
+THREAD_TRIAL_ROUNDS = 5
 # --torch_compile auto tries compiling only when steps this much faster (about the best measured, on small models)
 # would save this many seconds over the run: trying costs a compilation (benchmarks/README.md).
 BEST_COMPILE_SPEEDUP = 1.5
@@ -172,7 +174,7 @@ def choose_threads(config: ViTCustomConfig, batch: int, cores: int, device: torc
 
     One when a layer gives each core less than `TRIAL_WORK_PER_THREAD[0]` multiply-adds, every core above
     `TRIAL_WORK_PER_THREAD[1]`. Between the two, training steps of a fresh model of `config` are timed on one thread
-    and on every core in alternating rounds (about a second for the digits model), and every core is chosen when its
+    and on every core in alternating rounds (about 1.5 s for the digits model), and every core is chosen when its
     fastest step is `MIN_THREAD_SPEEDUP` times faster. The global random generator is left as it was.
     """
     if cores == 1:
@@ -188,7 +190,7 @@ def choose_threads(config: ViTCustomConfig, batch: int, cores: int, device: torc
     with torch.random.fork_rng(devices=[]):
         model = ViTCustomForImageClassification(config)
     times = {1: [], cores: []}
-    for _ in range(3):
+    for _ in range(THREAD_TRIAL_ROUNDS):
         for threads in times:
             torch.set_num_threads(threads)
             times[threads].append(time_training_steps(model, batch, device)[0])
