@@ -160,7 +160,7 @@ def augmentation_cost_in_process(recipe_flags: list[str], rounds: int, steps: in
         torch.manual_seed(args.training.seed)
         model, processor = run_finetune.load_model(args.model, CLASSES)
         train_transform, _ = build_transforms(
-            processor, 1, ("image", "label"), crop_scale=args.data.crop_scale, flip=args.data.horizontal_flip,
+            processor, 1, ("image", "label"), crop_scale=args.data.crop_scale, flip=True,  # as the folder run does
             seed=args.training.seed, auto_augment=recipe["auto_augment"], random_erasing=recipe["random_erasing"],
             crop_ratio=args.data.crop_ratio,
         )  # fmt: skip
