@@ -8,7 +8,7 @@ Reads Debian's `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`:
    end of its first optimizer step (listing 60,000 files, decoding them, building the model, all included);
 2. the run: `run_finetune.main()` in this process with the test images as validation set, so that the accuracy
    after every epoch is the test accuracy. After every epoch, while the run waits, a plain loop trains the same
-   model on the same images for a few seconds: the images held in memory as a uint8 tensor, a random shift of up to
+   model (the run's own flags decide its size and batch) on the same images for a few seconds: the images held in memory as a uint8 tensor, a random shift of up to
    2 px and a flip per batch, label smoothing, gradient clipping and fused AdamW, as one would write by hand. The
    run's img/s over the epoch is divided by the plain loop's img/s measured right after it (the speed of a shared
    machine drifts), at the same threads, and the median of these ratios is reported.
@@ -37,7 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import run_finetune  # noqa: E402
-from configuration_vit_custom import ViTCustomConfig  # noqa: E402
 from modeling_vit_custom import ViTCustomForImageClassification  # noqa: E402
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
@@ -59,7 +58,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         startup = time_to_first_step(run_argv, Path(workdir) / "startup")
         print(f"time to first step (fresh process, imports included): {startup:.1f} s", flush=True)
-        observer = PlainLoopComparison(folder / "train", args.plain_seconds)
+        observer = PlainLoopComparison(run_argv, args.plain_seconds)
         run_start = time.perf_counter()
         results = run_finetune.main([*run_argv, "--output_dir", str(Path(workdir) / "run")], on_event=observer)
         total = time.perf_counter() - run_start - observer.plain_seconds_total
@@ -128,8 +127,12 @@ def time_to_first_step(run_argv: list[str], output_dir: Path) -> float:
 class PlainLoopComparison:
     """run_finetune's `on_event` observer: after each epoch, times a plain loop on the same model and images."""
 
-    def __init__(self, train_folder: Path, seconds: float):
+    def __init__(self, run_argv: list[str], seconds: float):
         self.seconds, self.rows, self.plain_seconds_total = seconds, [], 0.0
+        # The model and batch of the run itself, flags after -- included (they come last, so they win).
+        args = run_finetune.parse_args(run_argv)
+        self.config = args.model.new_config(CLASSES)
+        self.batch = args.training.per_device_train_batch_size
         images, labels = read_idx("train")
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
         self.labels = torch.from_numpy(labels.astype(np.int64))
@@ -154,10 +157,9 @@ class PlainLoopComparison:
     def plain_loop_rate(self) -> float:
         """img/s of a hand-written loop over about `self.seconds`, after a few warm-up steps."""
         if self.model is None:
-            fields = run_finetune.parse_args(MODEL).model.config
-            self.model = ViTCustomForImageClassification(ViTCustomConfig(**fields, num_labels=10)).train()
+            self.model = ViTCustomForImageClassification(self.config).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
-        batch = int(MODEL[MODEL.index("--per_device_train_batch_size") + 1])
+        batch = self.batch
         order = torch.randperm(len(self.labels))
         steps, start = 0, None
         for first in range(0, len(order) - batch, batch):

@@ -25,8 +25,8 @@ from vit_training.hardware import TRIAL_WORK_PER_THREAD, choose_threads, mlp_wor
 
 # (name, batch, config): the digits default run, and Fashion-MNIST models of 7 px patches.
 MODELS = [
-    ("digits default (16 px, 4 px patches, width 64)", 32,
-     dict(image_size=16, patch_size=4, hidden_size=64, intermediate_size=128)),
+    ("digits default (32 px, 8 px patches, width 64)", 32,
+     dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128)),
     ("28 px, 7 px patches, width 64", 64, dict(image_size=28, patch_size=7, hidden_size=64, intermediate_size=256)),
     ("28 px, 7 px patches, width 96", 64, dict(image_size=28, patch_size=7, hidden_size=96, intermediate_size=384)),
     ("28 px, 7 px patches, width 128", 64, dict(image_size=28, patch_size=7, hidden_size=128, intermediate_size=512)),

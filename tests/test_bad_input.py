@@ -221,7 +221,8 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_only_what_came_before(tmp_p
 
 def train_on_a_nan_image(tmp_path, *flags) -> tuple[TrainingProgress, torch.nn.Module]:
     """One epoch of 3 steps of 4 images, whose 6th image (in step 2) holds NaN."""
-    args = run_finetune.parse_args([*TINY_MODEL, "--output_dir", str(tmp_path), *flags])
+    flags = [*TINY_MODEL, "--image_size", "16", "--patch_size", "4", "--output_dir", str(tmp_path), *flags]
+    args = run_finetune.parse_args(flags)
     images = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     images[5, 0, 0, 0] = float("nan")
     batches = DataLoader([{"pixel_values": image, "labels": n % 2} for n, image in enumerate(images)], batch_size=4)

@@ -58,7 +58,7 @@ def test_out_of_range_values_name_the_flag_and_range(setting, message):
 
 
 def test_unknown_recipe_lists_the_recipes():
-    with pytest.raises(TrainingError, match="--recipe fast: unknown; choose one of basic, finetune, pretrain, from-scratch"):
+    with pytest.raises(TrainingError, match="--recipe fast: unknown; choose one of basic, finetune, randaugment, pretrain, from-scratch"):
         resolve_recipe("fast", {})
 
 
@@ -220,8 +220,12 @@ def test_the_command_line_refuses_recipe_values_out_of_range(flags, message, cap
 def test_the_default_recipe_follows_the_starting_point_and_flags_override_it():
     import run_finetune
 
-    scratch = run_finetune.parse_args([])
-    assert scratch.recipe.settings == {"recipe": "basic", **RECIPES["basic"]}
+    digits = run_finetune.parse_args([])
+    assert digits.recipe.settings == {"recipe": "randaugment", **RECIPES["randaugment"]}
+    assert digits.recipe.auto_augment == "rand-m9-n2" and digits.data.crop_scale == (0.7, 1.0)
+    folder = run_finetune.parse_args(["--train_dir", "photos/train"])
+    assert folder.recipe.settings == {"recipe": "basic", **RECIPES["basic"]}
+    assert folder.data.crop_scale == (0.85, 1.0)
     tuned = run_finetune.parse_args(["--model_name_or_path", "some/vit", "--ema_decay", "0.99", "--layer_decay", "none"])
     assert tuned.recipe.settings["recipe"] == "finetune"
     assert tuned.recipe.settings["ema_decay"] == 0.99 and tuned.recipe.settings["layer_decay"] is None

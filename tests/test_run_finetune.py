@@ -234,7 +234,7 @@ def test_transforms_convert_grayscale_and_rgb_images_to_the_model_channels(num_c
 
     for transform in (train_transform, eval_transform):
         pixel_values = transform(dict(batch))["pixel_values"]
-        assert pixel_values.shape == (2, num_channels, 16, 16)
+        assert pixel_values.shape == (2, num_channels, *model.config.image_height_width)
         assert model(pixel_values=pixel_values).logits.shape == (2, 2)
     # A uniform gray image normalised with mean 0.5 and std 0.5: (200 / 255 - 0.5) / 0.5 everywhere.
     eval_gray = eval_transform(dict(batch))["pixel_values"][0]
