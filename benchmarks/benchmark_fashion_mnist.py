@@ -8,10 +8,11 @@ Reads Debian's `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`:
    end of its first optimizer step (listing 60,000 files, decoding them, building the model, all included);
 2. the run: `run_finetune.main()` in this process with the test images as validation set, so that the accuracy
    after every epoch is the test accuracy. After every epoch, while the run waits, a plain loop trains the same
-   model (the run's own flags decide its size and batch) on the same images for a few seconds: the images held in memory as a uint8 tensor, a random shift of up to
-   2 px and a flip per batch, label smoothing, gradient clipping and fused AdamW, as one would write by hand. The
-   run's img/s over the epoch is divided by the plain loop's img/s measured right after it (the speed of a shared
-   machine drifts), at the same threads, and the median of these ratios is reported.
+   model (the run's flags decide its size and batch) on the same images for a few seconds: the images held in
+   memory as a uint8 tensor, a random shift of up to 2 px and a flip per batch, label smoothing, gradient clipping
+   and fused AdamW, as one would write by hand. The run's img/s over the epoch is divided by the plain loop's img/s
+   measured right after it (the speed of a shared machine drifts), at the same threads, and the median of these
+   ratios is reported.
 
     python benchmarks/benchmark_fashion_mnist.py                       # 5 epochs, about 20-30 minutes on 2 cores
     python benchmarks/benchmark_fashion_mnist.py --epochs 1 -- --max_train_samples 10000   # flags after -- go to run
@@ -130,9 +131,12 @@ class PlainLoopComparison:
     def __init__(self, run_argv: list[str], seconds: float):
         self.seconds, self.rows, self.plain_seconds_total = seconds, [], 0.0
         # The model and batch of the run itself, flags after -- included (they come last, so they win).
-        args = run_finetune.parse_args(run_argv)
+        args = run_finetune.parse_args([*run_argv, "--output_dir", tempfile.gettempdir()])
         self.config = args.model.new_config(CLASSES)
         self.batch = args.training.per_device_train_batch_size
+        if self.config.num_channels != 1 or tuple(self.config.image_height_width) != (28, 28):
+            sys.exit("The plain loop trains on the 28 px grey images as they are: keep --num_channels 1 and "
+                     "--image_size 28 in the flags after --.")  # fmt: skip
         images, labels = read_idx("train")
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
         self.labels = torch.from_numpy(labels.astype(np.int64))

@@ -11,7 +11,9 @@ process and with the same threads, for about a second each:
   so that the gap to the run is the loop itself: data, logging and bookkeeping.
 
 Each epoch is compared with the bare steps timed right after it, because the speed of a shared machine drifts; the
-median of these per-epoch ratios should be at least 0.9.
+median of these per-epoch ratios should be at least 0.9. Since 2026-12-01 the default run augments the digits with
+RandAugment (the `randaugment` recipe), 8-19 ms a batch of 32 on a 2 GHz Xeon, which counts as loop time here; pass
+`-- --auto_augment none` to time the loop without the policy.
 
     python benchmarks/benchmark_finetune_overhead.py
     python benchmarks/benchmark_finetune_overhead.py -- --dataloader_num_workers 0   # flags after -- go to run_finetune

@@ -58,7 +58,8 @@ def test_out_of_range_values_name_the_flag_and_range(setting, message):
 
 
 def test_unknown_recipe_lists_the_recipes():
-    with pytest.raises(TrainingError, match="--recipe fast: unknown; choose one of basic, finetune, randaugment, pretrain, from-scratch"):
+    recipes = "basic, finetune, randaugment, pretrain, from-scratch"
+    with pytest.raises(TrainingError, match=f"--recipe fast: unknown; choose one of {recipes}"):
         resolve_recipe("fast", {})
 
 

@@ -110,7 +110,7 @@ def a_tracker_that_is_not_installed(tmp_path):
 def a_model_the_flags_cannot_build(tmp_path):
     # Refused before the data is read: the missing --train_dir would be reported otherwise.
     arguments = ["--image_size", "18", "--train_dir", str(tmp_path / "not-read")]
-    return arguments, ["Invalid model configuration: image_size=18 is not divisible by patch_size=4"]
+    return arguments, ["Invalid model configuration: image_size=18 is not divisible by patch_size=8"]
 
 
 def heads_that_do_not_split_the_width(tmp_path):

@@ -194,6 +194,8 @@ def assert_same_weights(output_dir, reference_dir):
         # The recipe's 1e-3 at a batch of 32, scaled to this run's 8 with the square root.
         ({"learning_rate": 0.01}, "latest", [], "--learning_rate 0.0005 (this run: 0.01)"),
         ({"max_train_samples": 40}, "latest", [], "training images 48 (this run: 40)"),
+        # The digits' default recipe; `basic` has the same learning rate, so only the recipe tells them apart.
+        ({"recipe": "basic"}, "latest", [], "--recipe randaugment (this run: basic)"),
         ({"num_train_epochs": 1}, "latest", [], "has trained 12 optimizer steps, more than the 6 this run asks for"),
         ({}, "checkpoint-10", ["checkpoint-10/optimizer.bin"], "checkpoint-10 cannot be resumed from: optimizer.bin"),
         (
@@ -203,7 +205,8 @@ def assert_same_weights(output_dir, reference_dir):
             "None of the 3 checkpoints",
         ),
     ],
-    ids=["batch-size", "accumulation", "learning-rate", "data", "fewer-steps", "damaged-checkpoint", "all-damaged"],
+    ids=["batch-size", "accumulation", "learning-rate", "data", "recipe", "fewer-steps", "damaged-checkpoint",
+         "all-damaged"],
 )
 def test_a_resume_that_cannot_continue_the_checkpoint_is_refused_with_the_reason(
     finished_run, tmp_path, changes, resume_from, damaged, message

@@ -205,7 +205,7 @@ def test_classification_settings_are_refused_by_name_and_left_out_of_the_help(ar
     "argv, message",
     [
         (["--mask_ratio", "0.97"], r"mask_ratio=0.97 hides all 16 patches.*at most 0.9375"),
-        (["--image_size", "18"], r"image_size=18 is not divisible by patch_size=4"),
+        (["--image_size", "18"], r"image_size=18 is not divisible by patch_size=8"),
     ],
 )
 def test_a_model_the_mask_or_patches_cannot_cover_is_refused_before_writing(argv, message, tmp_path):

@@ -14,7 +14,7 @@ from vit_training.flag_types import flag, positive_float, positive_int, rate_or_
 POLICIES = "`none`, `trivial` (TrivialAugmentWide) or `rand-m<magnitude>-n<ops>` (RandAugment, e.g. rand-m9-n2)"
 
 # Plain training: mild crops (and flips, except for the digits), label smoothing, one learning rate scaled with the
-# batch. The default for a new model; the other recipes are told as changes to it.
+# batch. The default for a new model of your own data; the other recipes are told as changes to it.
 BASIC = {
     "auto_augment": "none",
     "random_erasing": 0.0,
@@ -43,8 +43,9 @@ RECIPES = {
     "finetune": {**BASIC, "layer_decay": 0.75},
     # A few thousand images seen tens of times each, as the built-in digits (1,293 images, 40 epochs; the default
     # there): `basic` fits them, and RandAugment (Cubuk et al. 2020) at DeiT's and timm's magnitude 9 with 2 ops, and
-    # crops down to 70% of the image, show each digit another way every epoch. With the digits model, seeds 1-10 make
-    # 17 test errors in all against 27 with `basic` (benchmarks/README.md), for about a third more training time.
+    # crops down to 70% of the image, show each digit another way every epoch. With the digits model at 32 px, seeds
+    # 1-10 make 17 test errors in all, against 27 for the previous default (`basic` at 16 px; benchmarks/README.md),
+    # for about a third more training time.
     "randaugment": {**BASIC, "auto_augment": "rand-m9-n2", "crop_scale": [0.7, 1.0]},
     # Masked-image pre-training (run_pretrain.py): the images are the task; no labels to smooth.
     "pretrain": {**BASIC, "label_smoothing": 0.0},
@@ -160,6 +161,7 @@ class RecipeArguments:
         "erasing, Mixup/CutMix, EMA, drop path). `pretrain`: `basic` without label smoothing, for run_pretrain.py. "
         "Default: run_pretrain.py's `pretrain`; run_finetune.py's `finetune` with --model_name_or_path, "
         "`randaugment` for the built-in digits, else `basic`. vit_training/recipes.py lists their values.",
+        resumed=True,
     )
     auto_augment: str | None = flag(
         help="Per-image augmentation policy: `none`, `trivial` (TrivialAugmentWide) or `rand-m<M>-n<N>` "
