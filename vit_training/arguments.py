@@ -211,7 +211,12 @@ class DataArguments:
         if self.streaming and self.max_train_samples:
             raise ValueError("--max_train_samples does not apply to --streaming; bound the run with --max_train_steps")
         if self.horizontal_flip is None:
-            self.horizontal_flip = bool(self.dataset_name or self.train_dir)  # not for the built-in digits
+            self.horizontal_flip = not self.builtin_digits  # a mirror turns some digits into others
+
+    @property
+    def builtin_digits(self) -> bool:
+        """Whether the data is scikit-learn's digits: neither --dataset_name nor --train_dir is given."""
+        return not (self.dataset_name or self.train_dir)
 
     def short_name(self) -> str:
         """`digits`, the name of a Hub dataset without its owner, or the name of the folder above --train_dir."""
@@ -476,7 +481,7 @@ class Arguments:
         digits, `basic` for a new model of other data."""
         if self.model.model_name_or_path:
             return "finetune"
-        return "basic" if self.data.dataset_name or self.data.train_dir else "randaugment"
+        return "randaugment" if self.data.builtin_digits else "basic"
 
     def apply_recipe(self):
         """Lay the flags given over the --recipe's values, check them, and set every recipe-controlled field."""
